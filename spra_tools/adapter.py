@@ -1,0 +1,166 @@
+"""The in-memory adapter: per adapted tensor a support, values and a base fingerprint; plus metadata.
+
+`Adapter.load` / `Adapter.save` go through format.py; values live here as torch tensors.
+Fingerprints identify the base values at each support (format.fingerprint on their raw bits). A
+tensor made on an fp32 base also records the fingerprints of its bf16 and fp16 casts, so the
+adapter still recognises its base when a model was loaded in lower precision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from . import ops
+from .errors import SpraError
+from .fsutil import atomic_path
+from .support import ExplicitSupport, SeededSupport, Support
+
+TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+CLI_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_UNSIGNED = {torch.int32: np.uint32, torch.int16: np.uint16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise SpraError(f"unsupported weight dtype {dtype} (need float32, bfloat16 or float16)") from None
+
+
+def raw_bits(t: torch.Tensor) -> np.ndarray:
+    """The raw bits of a float tensor as an unsigned numpy array (bf16/fp16 -> uint16, fp32 -> uint32)."""
+    bits = _BITS[t.dtype]
+    return t.detach().contiguous().view(bits).cpu().numpy().view(_UNSIGNED[bits])
+
+
+def from_raw(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A torch tensor over a container's raw elements (bf16 arrives as uint16)."""
+    torch_dtype = TORCH_DTYPES[dtype]
+    ints = np.ascontiguousarray(array).view(np.int32 if torch_dtype == torch.float32 else np.int16)
+    return torch.from_numpy(ints).view(torch_dtype)
+
+
+def fingerprints(base_values: torch.Tensor) -> dict[str, str]:
+    """Fingerprints of base values at a support (in support order); fp32 also records its casts."""
+    casts = [base_values]
+    if base_values.dtype == torch.float32:
+        casts += [base_values.to(torch.bfloat16), base_values.to(torch.float16)]
+    return {dtype_name(c.dtype): fmt.fingerprint(raw_bits(c)) for c in casts}
+
+
+@dataclass
+class TensorDelta:
+    """One adapted tensor: ``W.flatten()[support] += values``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # of the base tensor
+    support: Support
+    values: torch.Tensor  # [count], bf16 / fp16 / fp32
+    fingerprint: dict[str, str]
+
+    @property
+    def count(self) -> int:
+        return self.support.count
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return ops.support_indices(self.support, device)
+
+    def mismatch(self, weight: torch.Tensor, base_values: torch.Tensor, strict_dtype: bool = True) -> str | None:
+        """Why `weight` (whose values at the support are `base_values`) is not this tensor's base, or None."""
+        if tuple(weight.shape) != self.shape:
+            return f"shape {tuple(weight.shape)} differs from the adapter's {self.shape}"
+        if weight.dtype != self.dtype and strict_dtype:
+            return f"dtype {dtype_name(weight.dtype)} differs from the adapter's {dtype_name(self.dtype)}"
+        name = dtype_name(base_values.dtype)
+        if name not in self.fingerprint:
+            # A model held in higher precision than the recorded base: compare in the recorded one.
+            recorded = next(iter(self.fingerprint))
+            base_values = base_values.to(TORCH_DTYPES[recorded])
+            name = recorded
+        if fmt.fingerprint(raw_bits(base_values)) != self.fingerprint[name]:
+            return "values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)"
+        return None
+
+
+@dataclass
+class Adapter:
+    """A sparse adapter: deltas per tensor, optional dense tensors, and descriptive metadata."""
+
+    deltas: dict[str, TensorDelta] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    base: dict = field(default_factory=dict)  # name, revision, numel (whole model)
+    task: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    exact: bool = False  # apply reproduces the producer's weights bit-exactly
+
+    @property
+    def num_values(self) -> int:
+        return sum(d.count for d in self.deltas.values())
+
+    @property
+    def num_adapted(self) -> int:
+        """Elements of all adapted tensors (the denominator of the adapter's density)."""
+        return sum(d.numel for d in self.deltas.values())
+
+    def check_finite(self, where: str | os.PathLike | None = None) -> None:
+        for d in self.deltas.values():
+            if not bool(torch.isfinite(d.values).all()):
+                raise SpraError(f"tensor {d.name!r} has NaN or Inf values (pass --allow-nonfinite to accept)", where)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, allow_nonfinite: bool = True) -> "Adapter":
+        path = os.fspath(path)
+        f = fmt.read_spra(path)
+        deltas = {}
+        for r in f.tensors:
+            values = from_raw(r.values, r.values_dtype)
+            deltas[r.name] = TensorDelta(r.name, r.shape, TORCH_DTYPES[r.dtype], r.support, values, r.fingerprint)
+        dense = {d.name: from_raw(d.array, d.dtype).reshape(d.array.shape) for d in f.dense}
+        adapter = cls(deltas, dense, f.base, f.task, f.provenance, f.exact)
+        if not allow_nonfinite:
+            adapter.check_finite(path)
+        return adapter
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False, allow_nonfinite: bool = False) -> None:
+        """Write atomically; refuses NaN/Inf values unless allowed."""
+        if not allow_nonfinite:
+            self.check_finite(path)
+        records = [
+            fmt.TensorRecord(
+                d.name, d.shape, dtype_name(d.dtype), d.support, raw_bits(d.values), dtype_name(d.values.dtype),
+                d.fingerprint,
+            )
+            for d in self.deltas.values()
+        ]
+        dense = [fmt.DenseRecord(n, dtype_name(t.dtype), raw_bits(t).reshape(t.shape)) for n, t in self.dense.items()]
+        spra = fmt.SpraFile(records, dense, self.base, self.task, self.provenance, self.exact)
+        with atomic_path(path, overwrite) as tmp:
+            try:
+                with open(tmp, "wb") as f:
+                    fmt.write_spra(f, spra)
+            except OSError as e:
+                raise SpraError(f"cannot write ({e.strerror})", path) from None
+
+
+def is_seeded(adapter: Adapter) -> bool:
+    return all(isinstance(d.support, SeededSupport) for d in adapter.deltas.values())
+
+
+def explicit_delta(name, shape, dtype, flat: np.ndarray, values: torch.Tensor, base_values: torch.Tensor) -> TensorDelta:
+    support = ExplicitSupport(math.prod(shape), flat)
+    return TensorDelta(name, tuple(shape), dtype, support, values, fingerprints(base_values))
+
+

@@ -1,0 +1,272 @@
+"""Base checkpoints: lazy reading and atomic, streaming writing of Hugging Face safetensors weights.
+
+A base is a model directory (one ``model.safetensors`` or shards with
+``model.safetensors.index.json``), a single ``.safetensors`` file, or a Hub id ``org/name[@rev]``
+resolved through huggingface_hub (its cache, ``HF_HUB_OFFLINE``, tokens as usual). Reading
+touches one tensor at a time. Writing keeps the input's shard names, tensor order and index,
+copies untouched tensors byte for byte (kernel-side copy), and holds one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import format as fmt
+from .errors import FormatError, SpraError
+from .fsutil import atomic_path
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Weight files of other formats are not copied: they would disagree with the written weights.
+_SKIP = re.compile(r"(\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|tflite)|\.index\.json)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+TORCH_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}  # fmt: skip
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass
+class Checkpoint:
+    """A base checkpoint opened for lazy reading."""
+
+    path: Path  # the directory, or the single file
+    shards: list[fmt.Container]  # in index order
+    index: dict | None  # the parsed index file, if sharded
+    name: str  # what the user called it (local path or Hub id)
+    revision: str | None
+
+    def __post_init__(self):
+        self._where = {n: c for c in self.shards for n in c.tensors}
+
+    @property
+    def is_file(self) -> bool:
+        return self.path.is_file()
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> fmt.TensorInfo:
+        return self._where[name].tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for c in self.shards for t in c.tensors.values())
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, freshly allocated (never a view of the file)."""
+        container = self._where[name]
+        return _as_tensor(container, None, container.tensors[name])
+
+    def identity(self) -> dict:
+        return {"name": self.name, "revision": self.revision, "numel": self.numel}
+
+
+def open_checkpoint(spec: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Open a local directory / .safetensors file, or resolve a Hub id through huggingface_hub."""
+    name = os.fspath(spec)
+    path = Path(name)
+    if not path.exists():
+        if not _HUB_ID.match(name) or name.startswith((".", "/")):
+            raise SpraError("no such file or directory", name)
+        repo, _, rev = name.partition("@")
+        revision = revision or rev or None
+        path = _download(repo, revision)
+    if path.is_file():
+        return Checkpoint(path, [fmt.read_container(path)], None, name, revision)
+    index_path = path / INDEX
+    if index_path.is_file():
+        index = _read_index(index_path)
+        shard_names = list(dict.fromkeys(index["weight_map"].values()))
+        shards = []
+        for shard in shard_names:
+            if Path(shard).name != shard:
+                raise FormatError(f"shard name {shard!r} is not a plain file name", index_path)
+            if not (path / shard).is_file():
+                raise FormatError(f"shard {shard!r} listed in the index is missing", index_path)
+            shards.append(fmt.read_container(path / shard))
+        for tensor, shard in index["weight_map"].items():
+            if tensor not in shards[shard_names.index(shard)].tensors:
+                raise FormatError(f"tensor {tensor!r} is not in its shard {shard!r}", index_path)
+        return Checkpoint(path, shards, index, name, revision)
+    if (path / SINGLE).is_file():
+        return Checkpoint(path, [fmt.read_container(path / SINGLE)], None, name, revision)
+    raise SpraError(f"no {SINGLE} or {INDEX} found (only safetensors checkpoints are supported)", path)
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"cannot read the shard index ({e.__class__.__name__})", path) from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise FormatError("shard index has no valid weight_map", path)
+    return index
+
+
+def _download(repo: str, revision: str | None) -> Path:
+    import huggingface_hub as hf
+    from huggingface_hub import errors
+
+    try:
+        return Path(
+            hf.snapshot_download(repo, revision=revision, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx"])
+        )
+    except errors.OfflineModeIsEnabled:
+        raise SpraError("not in the local cache and HF_HUB_OFFLINE is set", repo) from None
+    except errors.LocalEntryNotFoundError:
+        raise SpraError("not in the local cache and the Hub cannot be reached", repo) from None
+    except errors.RepositoryNotFoundError:
+        raise SpraError("no such repository on the Hub (or no access: check your token)", repo) from None
+    except errors.RevisionNotFoundError:
+        raise SpraError(f"no revision {revision!r} on the Hub", repo) from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        raise SpraError(f"download failed ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})", repo) from None
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor."""
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy())
+
+
+def write_checkpoint(
+    ckpt: Checkpoint,
+    out: str | os.PathLike,
+    edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    edited: set[str] = frozenset(),
+    dense: dict[str, torch.Tensor] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write `ckpt` to `out`, tensor by tensor.
+
+    Tensors named in `edited` become ``edit(name, tensor)`` (same shape and dtype); `dense`
+    tensors replace the base tensor of that name (any shape or dtype) or, when the base has none,
+    are added to the last shard. Everything else is copied byte for byte. `out` appears only when
+    complete; on failure nothing is left behind.
+    """
+    dense = dict(dense or {})
+    out = Path(out)
+    if ckpt.path.resolve() == out.resolve() or (not ckpt.is_file and ckpt.path.resolve() in out.resolve().parents):
+        raise SpraError("output must not be the base or lie inside it", out)
+    added = {n: t for n, t in dense.items() if n not in ckpt}
+    with atomic_path(out, overwrite, directory=not ckpt.is_file) as tmp:
+        bar = _progress(sum(c.file_size for c in ckpt.shards), progress)
+        try:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(ckpt.shards):
+                extra = added if i == len(ckpt.shards) - 1 else {}
+                target = tmp if ckpt.is_file else tmp / Path(shard.path).name
+                total += _write_shard(shard, target, edit, edited, dense, extra, bar)
+                weight_map.update({n: target.name for n in [*shard.tensors, *extra]})
+            if not ckpt.is_file:
+                _copy_side_files(ckpt.path, tmp)
+                if ckpt.index is not None:
+                    index = dict(ckpt.index)
+                    index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+                    index["weight_map"] = weight_map
+                    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise SpraError(f"cannot write the output ({e.strerror or e})", out) from None
+        finally:
+            bar.close()
+    return out
+
+
+def _write_shard(shard: fmt.Container, target: Path, edit, edited, dense, extra, bar) -> int:
+    """Stream one shard in its original tensor order; returns the bytes of tensor data written."""
+    infos = sorted(shard.tensors.values(), key=lambda t: t.begin)
+    specs = [
+        (t.name, DTYPE_NAMES[dense[t.name].dtype], tuple(dense[t.name].shape)) if t.name in dense else (t.name, t.dtype, t.shape)
+        for t in infos
+    ]
+    specs += [(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in extra.items()]
+    total = 0
+    with open(shard.path, "rb") as src, open(target, "wb") as dst:
+        dst.write(fmt.container_header(specs, shard.metadata or None))
+        for t in infos:
+            if t.name in dense or t.name in edited:
+                if t.name in dense:
+                    tensor = dense[t.name]
+                else:
+                    tensor = edit(t.name, _as_tensor(shard, src, t))
+                    if tensor.dtype != TORCH_DTYPES[t.dtype] or tuple(tensor.shape) != t.shape:
+                        raise AssertionError(f"edit changed {t.name!r}: {tensor.dtype} {tuple(tensor.shape)}")
+                data = tensor_bytes(tensor)
+                dst.write(data)
+                total += data.nbytes
+            else:
+                _copy_range(src, dst, t.begin, t.nbytes)
+                total += t.nbytes
+            bar.update(t.nbytes)
+        for tensor in extra.values():
+            data = tensor_bytes(tensor)
+            dst.write(data)
+            total += data.nbytes
+    return total
+
+
+def _as_tensor(shard: fmt.Container, src, info: fmt.TensorInfo) -> torch.Tensor:
+    dtype = TORCH_DTYPES[info.dtype]
+    buf = shard.read_bytes(info.name, src)
+    if not buf:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def _copy_range(src, dst, offset: int, length: int) -> None:
+    dst.flush()
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    pos = offset
+    end = offset + length
+    try:
+        while pos < end:
+            n = os.copy_file_range(src_fd, dst_fd, end - pos, pos)
+            if n == 0:
+                raise FormatError("file ended early (truncated?)", src.name)
+            pos += n
+        dst.seek(0, os.SEEK_END)
+        return
+    except OSError:
+        pass  # e.g. a filesystem without copy_file_range
+    # Fallback for filesystems without copy_file_range.
+    src.seek(pos)
+    dst.seek(0, os.SEEK_END)
+    while pos < end:
+        chunk = src.read(min(16 << 20, end - pos))
+        if not chunk:
+            raise FormatError("file ended early (truncated?)", src.name)
+        dst.write(chunk)
+        pos += len(chunk)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Config, generation config, tokenizer files, chat template...: every top-level file but weights."""
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and not _SKIP.search(p.name):
+            shutil.copy2(p, dst / p.name)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, leave=False, desc="writing")

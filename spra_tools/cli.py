@@ -1,0 +1,282 @@
+"""The `spra-tools` command: a thin click layer over the Python API (parse, call, print, exit code).
+
+Expected failures (`SpraError`, unreadable files) print one line on stderr and exit 1; `--debug`
+shows the traceback instead. torch is imported inside the commands so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+_DEBUG = os.environ.get("SPRA_TOOLS_DEBUG") == "1"
+VALUES_DTYPES = click.Choice(["bf16", "fp16", "fp32"])
+
+
+def _progress(ctx: click.Context) -> bool:
+    return not ctx.find_root().params.get("quiet") and sys.stderr.isatty()
+
+
+def _say(ctx: click.Context, message: str) -> None:
+    if not ctx.find_root().params.get("quiet"):
+        click.echo(message)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _load(path: str, allow_nonfinite: bool = True):
+    from .adapter import Adapter
+
+    return Adapter.load(path, allow_nonfinite=allow_nonfinite)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="spra-tools")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+def cli(debug: bool, quiet: bool):
+    """Create, apply, inspect and extract SpaRTA sparse adapters (.spra files).
+
+    \b
+    Quick start:
+      spra-tools demo                                   # everything on a tiny local model
+      spra-tools create BASE -o task.spra --density 0.01 --seed 0
+      spra-tools apply BASE task.spra -o merged/
+      spra-tools info task.spra
+    """
+    global _DEBUG
+    _DEBUG = _DEBUG or debug
+
+
+def _targets_options(default: str):
+    def wrap(f):
+        f = click.option("--exclude", multiple=True, metavar="REGEX", help="Skip tensors whose name matches.")(f)
+        f = click.option(
+            "--targets",
+            multiple=True,
+            default=[default],
+            show_default=True,
+            metavar="PRESET|REGEX",
+            help="vo, attn, mlp, all-linear, all, or a regex over tensor names (repeatable).",
+        )(f)
+        return f
+
+    return wrap
+
+
+@cli.command()
+@click.argument("base")
+@click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
+@click.option("--density", type=float, required=True, help="Fraction of each targeted tensor to adapt, in (0, 1].")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="64-bit seed of the supports.")
+@_targets_options("vo")
+@click.option("--values-dtype", type=VALUES_DTYPES, default="bf16", show_default=True)
+@click.option("--revision", help="Hub revision of BASE.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def create(ctx, base, out, density, seed, targets, exclude, values_dtype, revision, overwrite):
+    """Create a zero-valued seeded adapter for BASE (same arguments give the same bytes).
+
+    \b
+    Example:  spra-tools create ./llama -o task.spra --density 0.001 --seed 7 --targets all-linear
+    """
+    from .adapter import CLI_DTYPES
+    from .checkpoint import open_checkpoint
+    from .surgery import create_adapter
+
+    ckpt = open_checkpoint(base, revision)
+    adapter = create_adapter(ckpt, density, seed, targets, exclude, CLI_DTYPES[values_dtype], _progress(ctx))
+    adapter.save(out, overwrite)
+    size = os.path.getsize(out)
+    _say(ctx, f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors, {_human(size)}"
+         f" ({size / max(1, adapter.num_values):.2f} bytes per value)")
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--indices", "indices_of", metavar="TENSOR", help="Print TENSOR's support, one flat index per line.")
+def info(adapter, as_json, indices_of):
+    """Show an adapter's metadata, per-tensor counts, densities and value statistics."""
+    from .errors import SpraError
+    from .report import describe_adapter
+
+    a = _load(adapter)
+    if indices_of is not None:
+        if indices_of not in a.deltas:
+            raise SpraError(f"no tensor {indices_of!r} in the adapter", adapter)
+        flat = a.deltas[indices_of].indices().numpy()
+        if flat.size:
+            sys.stdout.write("\n".join(flat.astype(str).tolist()) + "\n")
+        return
+    d = describe_adapter(a, adapter)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    bpv = f", {d['bytes_per_value']:.2f} bytes per value" if d["bytes_per_value"] else ""
+    frac = f", {d['fraction_of_model']:.4%} of the model" if d["fraction_of_model"] else ""
+    base = d["base"]
+    click.echo(f"adapter     {d['path']}  ({_human(d['file_bytes'])}{bpv})")
+    click.echo(f"base        {base.get('name')}  revision {base.get('revision') or '-'}")
+    click.echo(f"values      {d['values']:,} in {d['tensors']} tensors: {d['density_of_targeted']:.4%} of the targeted{frac}")
+    click.echo(f"support     {d['support']}   exact: {'yes' if d['exact'] else 'no'}")
+    if d["dense"]:
+        click.echo(f"dense       {', '.join(d['dense'])}")
+    click.echo(f"provenance  {json.dumps(d['provenance'])}")
+    if d["task"]:
+        click.echo(f"task        {json.dumps(d['task'])}")
+    width = max([len(t["name"]) for t in d["per_tensor"]] + [6])
+    click.echo(f"\n{'tensor':<{width}}  {'shape':>14}  {'dtype':>5}  {'count':>10}  {'density':>8}  {'|v| mean':>9}  {'|v| max':>9}")
+    for t in d["per_tensor"]:
+        shape = "x".join(map(str, t["shape"]))
+        click.echo(
+            f"{t['name']:<{width}}  {shape:>14}  {t['dtype']:>5}  {t['count']:>10,}  {t['density']:>8.3%}"
+            f"  {t['abs_mean']:>9.2e}  {t['abs_max']:>9.2e}"
+        )
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--revision", help="Hub revision of BASE.")
+@click.pass_context
+def verify(ctx, base, adapter, revision):
+    """Exit 0 iff ADAPTER belongs to BASE: names, shapes, dtypes and fingerprints all match."""
+    from .checkpoint import open_checkpoint
+    from .surgery import verify_adapter
+
+    a = _load(adapter)
+    problems = verify_adapter(open_checkpoint(base, revision), a, _progress(ctx))
+    if problems:
+        for line in problems[:10]:
+            click.echo(f"{adapter}: {line}", err=True)
+        if len(problems) > 10:
+            click.echo(f"... and {len(problems) - 10} more", err=True)
+        click.echo(f"{adapter}: does not match {base} ({len(problems)} of {len(a.deltas)} tensors differ)", err=True)
+        sys.exit(1)
+    _say(ctx, f"{adapter}: matches {base} ({len(a.deltas)} tensors, {a.num_values:,} values)")
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
+@click.option("--density", type=float, help="Keep only the largest |Δ| per tensor (else: every change, exactly).")
+@_targets_options("all")
+@click.option("--values-dtype", type=VALUES_DTYPES, default="bf16", show_default=True)
+@click.option("--report", "report_path", help="Write the per-tensor report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_path, overwrite):
+    """Extract the adapter that turns BASE into TUNED (a fine-tuned checkpoint).
+
+    Without --density, `apply BASE OUT` reproduces TUNED bit-exactly.
+
+    \b
+    Example:  spra-tools diff ./llama ./llama-sft -o sft.spra --density 0.01
+    """
+    from .adapter import CLI_DTYPES
+    from .algebra import diff_checkpoints
+    from .checkpoint import open_checkpoint
+    from .fsutil import atomic_path, check_output
+
+    check_output(out, overwrite)
+    adapter, report = diff_checkpoints(
+        open_checkpoint(base), open_checkpoint(tuned), density, targets, exclude, CLI_DTYPES[values_dtype], _progress(ctx)
+    )
+    adapter.save(out, overwrite)
+    if report_path:
+        with atomic_path(report_path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    upgraded = [n for n, r in report["tensors"].items() if "values" in r]
+    _say(ctx, f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors"
+         f"{f', {len(adapter.dense)} dense' if adapter.dense else ''}, {_human(os.path.getsize(out))}")
+    if density is not None:
+        _say(ctx, f"retained {report['retained']:.2%} of ||Δ||²")
+    if upgraded:
+        _say(ctx, f"{len(upgraded)} tensors stored with fp32 values to stay exact")
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", "out", required=True, help="Directory (or .safetensors file) to write.")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every value by X.")
+@click.option("--revision", help="Hub revision of BASE.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def apply(ctx, base, adapters, out, scale, revision, overwrite):
+    """Write BASE with ADAPTERS applied (in order) as a new checkpoint.
+
+    Each adapter is verified against BASE first; a wrong base is refused and nothing is written.
+
+    \b
+    Example:  spra-tools apply meta-llama/Llama-3.1-8B task.spra -o merged/
+    """
+    from .checkpoint import open_checkpoint
+    from .fsutil import check_output
+    from .surgery import apply_adapter
+
+    check_output(out, overwrite)
+    loaded = [(p, _load(p, allow_nonfinite=False)) for p in adapters]
+    stats = apply_adapter(open_checkpoint(base, revision), loaded, out, scale, overwrite, _progress(ctx))
+    _say(ctx, f"wrote {out}: {stats['values']:,} values in {stats['tensors']} tensors, {stats['seconds']:.2f} s")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def env(as_json):
+    """Versions, devices, and the status of the compiled extension."""
+    from .report import environment
+
+    e = environment()
+    if as_json:
+        click.echo(json.dumps(e, indent=2))
+        return
+    for key, value in e.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        click.echo(f"{key:<16}{value}")
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here (default: a temp dir).")
+@click.pass_context
+def demo(ctx, workdir):
+    """Build a tiny Llama locally, make, apply, verify and extract an adapter; report sizes and timings."""
+    from .demo import run_demo
+
+    run_demo(workdir, echo=lambda m: _say(ctx, m))
+
+
+def main() -> None:
+    from .errors import SpraError
+
+    try:
+        cli.main(standalone_mode=False, prog_name="spra-tools")
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except (SpraError, OSError, MemoryError) as e:
+        if _DEBUG:
+            raise
+        if isinstance(e, OSError) and e.filename:
+            message = f"{e.filename}: {e.strerror or e}"
+        else:
+            message = str(e) or e.__class__.__name__
+        click.echo(f"spra-tools: error: {message}", err=True)
+        sys.exit(1)

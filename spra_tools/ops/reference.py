@@ -1,0 +1,82 @@
+"""The pure-torch reference backend: runs on any device, defines the results compiled kernels match.
+
+Seeded-support generation here is a second implementation of the numpy spec in support.py,
+written with int64 tensors (wrapping multiplication, logical shifts emulated by masking), so it
+runs on GPU tensors too and serves as an independent check of the spec.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import support as sup
+
+
+def _s64(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_MIX1, _MIX2, _GOLDEN = _s64(sup._MIX1), _s64(sup._MIX2), _s64(sup._GOLDEN)
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    return z ^ _srl(z, 31)
+
+
+def _feistel(x: torch.Tensor, keys: torch.Tensor, width: int) -> torch.Tensor:
+    half, mask = width // 2, (1 << (width // 2)) - 1
+    left, right = x >> half, x & mask
+    for r in range(sup.ROUNDS):
+        left, right = right, left ^ (_mix64(keys[:, r] ^ right) & mask)
+    return (left << half) | right
+
+
+def seeded_indices(seed: int, name: str, numel: int, density: float, device) -> torch.Tensor:
+    """Sorted int64 flat indices of a seeded support, bit-identical to support.seeded_indices."""
+    key = _s64(sup.tensor_key(seed, name))
+    cum = torch.from_numpy(sup.block_counts(numel, density)).to(device)
+    total = int(cum[-1]) if cum.numel() else 0
+    if total == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    counts = torch.diff(cum, prepend=cum.new_zeros(1))
+    blocks = torch.arange(cum.numel(), device=device)
+    owner = torch.repeat_interleave(blocks, counts, output_size=total)
+    j = torch.arange(total, device=device) - (cum - counts)[owner]
+    ctr = blocks[:, None] * sup.ROUNDS + torch.arange(1, sup.ROUNDS + 1, device=device)
+    keys = _mix64(key + ctr * _GOLDEN)[owner]  # [total, ROUNDS]
+    y = torch.empty_like(j)
+    full = owner < numel // sup.BLOCK
+    y[full] = _feistel(j[full], keys[full], sup.BLOCK_BITS)
+    if not bool(full.all()):  # the short last block: cycle-walk into its length
+        length = numel % sup.BLOCK
+        width = sup.feistel_width(length)
+        tail_keys = keys[~full]
+        t = _feistel(j[~full], tail_keys, width)
+        while bool((out := t >= length).any()):
+            t[out] = _feistel(t[out], tail_keys[out], width)
+        y[~full] = t
+    return torch.sort(y + owner * sup.BLOCK).values
+
+
+def gather(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(-1)[indices]
+
+
+def scatter_apply(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float) -> None:
+    """``W[s] = cast(fp32(W[s]) + fp32(scale) * fp32(v))``; each operation rounded to fp32, no FMA."""
+    flat = weight.view(-1)
+    delta = values.to(torch.float32)
+    if scale != 1.0:
+        delta = delta * torch.tensor(scale, dtype=torch.float32, device=delta.device)
+    flat[indices] = (flat[indices].to(torch.float32) + delta).to(weight.dtype)
+
+
+def restore(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor) -> None:
+    weight.view(-1)[indices] = original
