@@ -1,0 +1,105 @@
+"""The ops front against numpy: scatter-apply's rounding rule, gather, restore, backend selection."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from spra_tools import ops
+from spra_tools.errors import SpraError
+from spra_tools.support import ExplicitSupport, SeededSupport
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits, round to nearest even (NaN-free inputs), written independently of torch."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = u + 0x7FFF + ((u >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def _numpy_apply(w: torch.Tensor, idx: np.ndarray, v: torch.Tensor, scale: float) -> np.ndarray:
+    """The documented rule in numpy: fp32(w) + fp32(scale) * fp32(v), then cast to w's dtype; returns raw bits."""
+    wf = w.float().numpy().reshape(-1).copy()
+    delta = v.float().numpy()
+    if scale != 1.0:
+        delta = (delta * np.float32(scale)).astype(np.float32)
+    summed = (wf[idx] + delta).astype(np.float32)
+    if w.dtype == torch.float32:
+        out = w.numpy().reshape(-1).copy()
+        out[idx] = summed
+        return out.view(np.uint32)
+    if w.dtype == torch.float16:
+        out = w.numpy().reshape(-1).copy()
+        out[idx] = summed.astype(np.float16)
+        return out.view(np.uint16)
+    out = w.view(torch.int16).numpy().reshape(-1).view(np.uint16).copy()
+    out[idx] = _to_bf16_bits(summed)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("values_dtype", DTYPES)
+@pytest.mark.parametrize("shape,density,scale", [((64, 48), 0.1, 1.0), ((300,), 0.5, -0.37), ((3, 1), 1.0, 2.5), ((7, 5), 0.01, 1.0)])
+def test_scatter_apply_matches_numpy(dtype, values_dtype, shape, density, scale):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, values_dtype, shape)).encode()))
+    w = torch.randn(shape, generator=gen).to(dtype)
+    numel = w.numel()
+    support = SeededSupport(11, "t", numel, density)
+    idx = ops.support_indices(support)
+    v = (torch.randn(support.count, generator=gen) * 0.1).to(values_dtype)
+    expected = _numpy_apply(w, idx.numpy(), v, scale)
+    original = ops.gather(w, idx)
+    ops.scatter_apply(w, idx, v, scale)
+    got = w.reshape(-1).view(torch.int32 if dtype == torch.float32 else torch.int16).numpy()
+    assert np.array_equal(got.view(expected.dtype), expected)
+    ops.restore(w, idx, original)
+    assert torch.equal(ops.gather(w, idx), original)
+
+
+def test_gather_is_flat_indexing():
+    w = torch.randn(10, 7)
+    support = ExplicitSupport(70, np.array([0, 3, 69]))
+    assert torch.equal(ops.gather(w, ops.support_indices(support)), w.reshape(-1)[[0, 3, 69]])
+
+
+def test_empty_support_is_a_no_op():
+    w = torch.randn(4, 4)
+    before = w.clone()
+    idx = torch.empty(0, dtype=torch.int64)
+    ops.scatter_apply(w, idx, torch.empty(0), 3.0)
+    ops.restore(w, idx, torch.empty(0))
+    assert torch.equal(w, before)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.setenv("SPRA_BACKEND", "reference")
+    assert ops.backend_for("cpu") == "reference"
+    monkeypatch.setenv("SPRA_BACKEND", "auto")
+    assert ops.backend_for("cpu") in ("reference", "cpu")
+    monkeypatch.setenv("SPRA_BACKEND", "bogus")
+    with pytest.raises(SpraError, match="SPRA_BACKEND"):
+        ops.backend_for("cpu")
+    if ops.compiled_backends()["cuda"] != "ok":
+        monkeypatch.setenv("SPRA_BACKEND", "cuda")
+        with pytest.raises(SpraError, match="unavailable"):
+            ops.backend_for("cpu")
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError):
+        ops.scatter_apply(torch.zeros(4), torch.tensor([0, 1]), torch.zeros(3))
+    with pytest.raises(ValueError):
+        ops.restore(torch.zeros(4), torch.tensor([0]), torch.zeros(1, dtype=torch.float16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_reference_generation_on_cuda_matches_the_spec():
+    for numel, density in [(4096 * 4096, 1e-3), (65536 * 2 + 99, 0.3), (5, 1.0)]:
+        s = SeededSupport(2**63 + 1, "model.layers.0.mlp.up_proj.weight", numel, density)
+        assert np.array_equal(ops.support_indices(s, "cuda").cpu().numpy(), s.indices())
