@@ -121,7 +121,7 @@ class Adapter:
                 raise SpraError(f"tensor {d.name!r} has NaN or Inf values (pass --allow-nonfinite to accept)", where)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, allow_nonfinite: bool = True) -> "Adapter":
+    def load(cls, path: str | os.PathLike, allow_nonfinite: bool = True) -> Adapter:
         path = os.fspath(path)
         f = fmt.read_spra(path)
         deltas = {}
@@ -140,7 +140,12 @@ class Adapter:
             self.check_finite(path)
         records = [
             fmt.TensorRecord(
-                d.name, d.shape, dtype_name(d.dtype), d.support, raw_bits(d.values), dtype_name(d.values.dtype),
+                d.name,
+                d.shape,
+                dtype_name(d.dtype),
+                d.support,
+                raw_bits(d.values),
+                dtype_name(d.values.dtype),
                 d.fingerprint,
             )
             for d in self.deltas.values()
@@ -159,8 +164,8 @@ def is_seeded(adapter: Adapter) -> bool:
     return all(isinstance(d.support, SeededSupport) for d in adapter.deltas.values())
 
 
-def explicit_delta(name, shape, dtype, flat: np.ndarray, values: torch.Tensor, base_values: torch.Tensor) -> TensorDelta:
+def explicit_delta(
+    name, shape, dtype, flat: np.ndarray, values: torch.Tensor, base_values: torch.Tensor
+) -> TensorDelta:
     support = ExplicitSupport(math.prod(shape), flat)
     return TensorDelta(name, tuple(shape), dtype, support, values, fingerprints(base_values))
-
-

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import format as fmt
@@ -50,6 +51,7 @@ class Checkpoint:
 
     def __post_init__(self):
         self._where = {n: c for c in self.shards for n in c.tensors}
+        self._maps: dict[str, np.memmap] = {}
 
     @property
     def is_file(self) -> bool:
@@ -68,10 +70,16 @@ class Checkpoint:
     def numel(self) -> int:
         return sum(t.numel for c in self.shards for t in c.tensors.values())
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, freshly allocated (never a view of the file)."""
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor over a copy-on-write memory map: cheap to gather from; writes never reach the file."""
         container = self._where[name]
-        return _as_tensor(container, None, container.tensors[name])
+        if container.path not in self._maps:
+            self._maps[container.path] = np.memmap(container.path, dtype=np.uint8, mode="c")
+        return _tensor_over(self._maps[container.path], container.tensors[name])
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor in fresh memory."""
+        return self.view(name).clone()
 
     def identity(self) -> dict:
         return {"name": self.name, "revision": self.revision, "numel": self.numel}
@@ -126,18 +134,23 @@ def _download(repo: str, revision: str | None) -> Path:
 
     try:
         return Path(
-            hf.snapshot_download(repo, revision=revision, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx"])
+            hf.snapshot_download(
+                repo,
+                revision=revision,
+                ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx"],
+            )
         )
-    except errors.OfflineModeIsEnabled:
-        raise SpraError("not in the local cache and HF_HUB_OFFLINE is set", repo) from None
-    except errors.LocalEntryNotFoundError:
-        raise SpraError("not in the local cache and the Hub cannot be reached", repo) from None
+    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError):
+        why = "HF_HUB_OFFLINE is set" if hf.constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise SpraError(f"not in the local cache and {why}", repo) from None
     except errors.RepositoryNotFoundError:
         raise SpraError("no such repository on the Hub (or no access: check your token)", repo) from None
     except errors.RevisionNotFoundError:
         raise SpraError(f"no revision {revision!r} on the Hub", repo) from None
     except (errors.HfHubHTTPError, OSError) as e:
-        raise SpraError(f"download failed ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})", repo) from None
+        raise SpraError(
+            f"download failed ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})", repo
+        ) from None
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -151,18 +164,19 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def write_checkpoint(
     ckpt: Checkpoint,
     out: str | os.PathLike,
-    edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    edit: Callable[[str, torch.Tensor], None] | None = None,
     edited: set[str] = frozenset(),
     dense: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write `ckpt` to `out`, tensor by tensor.
+    """Write `ckpt` to `out`, shard by shard, holding at most one tensor in memory.
 
-    Tensors named in `edited` become ``edit(name, tensor)`` (same shape and dtype); `dense`
-    tensors replace the base tensor of that name (any shape or dtype) or, when the base has none,
-    are added to the last shard. Everything else is copied byte for byte. `out` appears only when
-    complete; on failure nothing is left behind.
+    Each shard is first copied byte for byte (in the kernel); then ``edit(name, weight)`` changes
+    the tensors named in `edited` in place, `weight` being a view of the output file, so an edit
+    that touches a few elements costs only those pages. `dense` tensors replace the base tensor
+    of that name (any shape or dtype) or, when the base has none, are added to the last shard.
+    `out` appears only when complete; on any failure nothing is left behind.
     """
     dense = dict(dense or {})
     out = Path(out)
@@ -176,8 +190,10 @@ def write_checkpoint(
             for i, shard in enumerate(ckpt.shards):
                 extra = added if i == len(ckpt.shards) - 1 else {}
                 target = tmp if ckpt.is_file else tmp / Path(shard.path).name
-                total += _write_shard(shard, target, edit, edited, dense, extra, bar)
+                total += _copy_shard(shard, target, dense, extra)
+                _edit_shard(target, [n for n in shard.tensors if n in edited and n not in dense], edit)
                 weight_map.update({n: target.name for n in [*shard.tensors, *extra]})
+                bar.update(shard.file_size)
             if not ckpt.is_file:
                 _copy_side_files(ckpt.path, tmp)
                 if ckpt.index is not None:
@@ -192,32 +208,30 @@ def write_checkpoint(
     return out
 
 
-def _write_shard(shard: fmt.Container, target: Path, edit, edited, dense, extra, bar) -> int:
-    """Stream one shard in its original tensor order; returns the bytes of tensor data written."""
+def _copy_shard(shard: fmt.Container, target: Path, dense: dict, extra: dict) -> int:
+    """Copy a shard, replacing `dense` tensors and appending `extra`; returns bytes of tensor data."""
     infos = sorted(shard.tensors.values(), key=lambda t: t.begin)
-    specs = [
-        (t.name, DTYPE_NAMES[dense[t.name].dtype], tuple(dense[t.name].shape)) if t.name in dense else (t.name, t.dtype, t.shape)
-        for t in infos
-    ]
-    specs += [(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in extra.items()]
-    total = 0
     with open(shard.path, "rb") as src, open(target, "wb") as dst:
+        if not extra and not any(t.name in dense for t in infos):
+            _copy_range(src, dst, 0, shard.file_size)
+            return shard.file_size - 8 - shard.header_size
+        replaced = {t.name: dense[t.name] for t in infos if t.name in dense}
+        specs = [(t.name, t.dtype, t.shape) for t in infos]
+        specs = [
+            (n, DTYPE_NAMES[replaced[n].dtype], tuple(replaced[n].shape)) if n in replaced else (n, d, sh)
+            for n, d, sh in specs
+        ]
+        specs += [(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in extra.items()]
         dst.write(fmt.container_header(specs, shard.metadata or None))
+        total = 0
         for t in infos:
-            if t.name in dense or t.name in edited:
-                if t.name in dense:
-                    tensor = dense[t.name]
-                else:
-                    tensor = edit(t.name, _as_tensor(shard, src, t))
-                    if tensor.dtype != TORCH_DTYPES[t.dtype] or tuple(tensor.shape) != t.shape:
-                        raise AssertionError(f"edit changed {t.name!r}: {tensor.dtype} {tuple(tensor.shape)}")
-                data = tensor_bytes(tensor)
+            if t.name in replaced:
+                data = tensor_bytes(replaced[t.name])
                 dst.write(data)
                 total += data.nbytes
             else:
                 _copy_range(src, dst, t.begin, t.nbytes)
                 total += t.nbytes
-            bar.update(t.nbytes)
         for tensor in extra.values():
             data = tensor_bytes(tensor)
             dst.write(data)
@@ -225,12 +239,33 @@ def _write_shard(shard: fmt.Container, target: Path, edit, edited, dense, extra,
     return total
 
 
-def _as_tensor(shard: fmt.Container, src, info: fmt.TensorInfo) -> torch.Tensor:
+def _edit_shard(target: Path, names: list[str], edit) -> None:
+    """Run `edit` on tensors of a written shard in place, through a shared memory map."""
+    if not names:
+        return
+    container = fmt.read_container(target)
+    mm = np.memmap(target, dtype=np.uint8, mode="r+")
+    try:
+        for name in names:
+            info = container.tensors[name]
+            weight = _tensor_over(mm, info)
+            edit(name, weight)
+            if info.begin % weight.element_size():  # the edit went to an aligned copy
+                mm[info.begin : info.end] = np.frombuffer(tensor_bytes(weight), dtype=np.uint8)
+        mm.flush()
+    finally:
+        del mm
+
+
+def _tensor_over(mm: np.memmap, info: fmt.TensorInfo) -> torch.Tensor:
+    """A tensor sharing memory with the mapped bytes (a copy if they are not aligned for the dtype)."""
     dtype = TORCH_DTYPES[info.dtype]
-    buf = shard.read_bytes(info.name, src)
-    if not buf:
+    if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    raw = mm[info.begin : info.end]
+    if info.begin % dtype.itemsize:
+        raw = raw.copy()
+    return torch.from_numpy(raw).view(dtype).reshape(info.shape)
 
 
 def _copy_range(src, dst, offset: int, length: int) -> None:

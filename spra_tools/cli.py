@@ -97,8 +97,11 @@ def create(ctx, base, out, density, seed, targets, exclude, values_dtype, revisi
     adapter = create_adapter(ckpt, density, seed, targets, exclude, CLI_DTYPES[values_dtype], _progress(ctx))
     adapter.save(out, overwrite)
     size = os.path.getsize(out)
-    _say(ctx, f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors, {_human(size)}"
-         f" ({size / max(1, adapter.num_values):.2f} bytes per value)")
+    _say(
+        ctx,
+        f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors, {_human(size)}"
+        f" ({size / max(1, adapter.num_values):.2f} bytes per value)",
+    )
 
 
 @cli.command()
@@ -127,7 +130,9 @@ def info(adapter, as_json, indices_of):
     base = d["base"]
     click.echo(f"adapter     {d['path']}  ({_human(d['file_bytes'])}{bpv})")
     click.echo(f"base        {base.get('name')}  revision {base.get('revision') or '-'}")
-    click.echo(f"values      {d['values']:,} in {d['tensors']} tensors: {d['density_of_targeted']:.4%} of the targeted{frac}")
+    click.echo(
+        f"values      {d['values']:,} in {d['tensors']} tensors: {d['density_of_targeted']:.4%} of the targeted{frac}"
+    )
     click.echo(f"support     {d['support']}   exact: {'yes' if d['exact'] else 'no'}")
     if d["dense"]:
         click.echo(f"dense       {', '.join(d['dense'])}")
@@ -135,7 +140,9 @@ def info(adapter, as_json, indices_of):
     if d["task"]:
         click.echo(f"task        {json.dumps(d['task'])}")
     width = max([len(t["name"]) for t in d["per_tensor"]] + [6])
-    click.echo(f"\n{'tensor':<{width}}  {'shape':>14}  {'dtype':>5}  {'count':>10}  {'density':>8}  {'|v| mean':>9}  {'|v| max':>9}")
+    click.echo(
+        f"\n{'tensor':<{width}}  {'shape':>14}  {'dtype':>5}  {'count':>10}  {'density':>8}  {'|v| mean':>9}  {'|v| max':>9}"
+    )
     for t in d["per_tensor"]:
         shape = "x".join(map(str, t["shape"]))
         click.echo(
@@ -191,15 +198,24 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
 
     check_output(out, overwrite)
     adapter, report = diff_checkpoints(
-        open_checkpoint(base), open_checkpoint(tuned), density, targets, exclude, CLI_DTYPES[values_dtype], _progress(ctx)
+        open_checkpoint(base),
+        open_checkpoint(tuned),
+        density,
+        targets,
+        exclude,
+        CLI_DTYPES[values_dtype],
+        _progress(ctx),
     )
     adapter.save(out, overwrite)
     if report_path:
         with atomic_path(report_path, overwrite=True) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
     upgraded = [n for n, r in report["tensors"].items() if "values" in r]
-    _say(ctx, f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors"
-         f"{f', {len(adapter.dense)} dense' if adapter.dense else ''}, {_human(os.path.getsize(out))}")
+    _say(
+        ctx,
+        f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors"
+        f"{f', {len(adapter.dense)} dense' if adapter.dense else ''}, {_human(os.path.getsize(out))}",
+    )
     if density is not None:
         _say(ctx, f"retained {report['retained']:.2%} of ||Δ||²")
     if upgraded:

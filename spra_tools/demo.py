@@ -13,9 +13,21 @@ from pathlib import Path
 import torch
 
 TINY_CONFIGS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=192)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=192)),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=1, intermediate_size=192, head_dim=16)),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=192),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=192),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        dict(num_attention_heads=4, num_key_value_heads=1, intermediate_size=192, head_dim=16),
+    ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_head=4)),
 }
 
@@ -35,7 +47,9 @@ def build_tiny_model(
     transformers.utils.logging.disable_progress_bar()
     config_cls, model_cls, extra = TINY_CONFIGS[arch]
     if arch == "gpt2":
-        config = getattr(transformers, config_cls)(vocab_size=256, n_embd=hidden, n_layer=layers, n_positions=128, **extra)
+        config = getattr(transformers, config_cls)(
+            vocab_size=256, n_embd=hidden, n_layer=layers, n_positions=128, **extra
+        )
     else:
         extra = {**extra, "intermediate_size": 3 * hidden}
         config = getattr(transformers, config_cls)(
@@ -82,11 +96,20 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         adapter.save(seeded_path, overwrite=True)
         seeded_bytes = seeded_path.stat().st_size
         n = adapter.num_values
-        echo(f"   {n:,} values in {len(adapter.deltas)} tensors -> {seeded_bytes:,} bytes ({seeded_bytes / n:.2f} B/value)")
+        echo(
+            f"   {n:,} values in {len(adapter.deltas)} tensors -> {seeded_bytes:,} bytes ({seeded_bytes / n:.2f} B/value)"
+        )
 
         echo("3. verifying and applying it -> merged checkpoint")
         assert not verify_adapter(base, Adapter.load(seeded_path))
-        timed("apply", apply_adapter, base, [(str(seeded_path), Adapter.load(seeded_path))], root / "merged", overwrite=True)
+        timed(
+            "apply",
+            apply_adapter,
+            base,
+            [(str(seeded_path), Adapter.load(seeded_path))],
+            root / "merged",
+            overwrite=True,
+        )
         merged = open_checkpoint(root / "merged")
         wrong = verify_adapter(merged, adapter)
         echo(f"   verify against the merged model (a wrong base) finds {len(wrong)} mismatching tensors, as it should")
@@ -97,7 +120,9 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         extracted.save(extracted_path, overwrite=True)
         apply_adapter(base, [(str(extracted_path), Adapter.load(extracted_path))], root / "reapplied", overwrite=True)
         reapplied = open_checkpoint(root / "reapplied")
-        identical = all(torch.equal(merged.read(k).view(torch.int16), reapplied.read(k).view(torch.int16)) for k in merged.names())
+        identical = all(
+            torch.equal(merged.read(k).view(torch.int16), reapplied.read(k).view(torch.int16)) for k in merged.names()
+        )
         echo(f"   re-applied checkpoint bit-identical to the merged one: {identical}")
 
         echo("5. loading base and merged with transformers")

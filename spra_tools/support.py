@@ -278,9 +278,7 @@ def ef_decode(low: np.ndarray, high: np.ndarray, numel: int, count: int) -> np.n
     """Decode and validate; raises ValueError unless the result is a valid support of `count`."""
     low_bytes, high_bytes = ef_sizes(numel, count)
     if low.size != low_bytes or high.size != high_bytes:
-        raise ValueError(
-            f"support code has {low.size}+{high.size} bytes, expected {low_bytes}+{high_bytes}"
-        )
+        raise ValueError(f"support code has {low.size}+{high.size} bytes, expected {low_bytes}+{high_bytes}")
     if count == 0:
         return np.empty(0, dtype=np.int64)
     ones = np.flatnonzero(np.unpackbits(high, bitorder="little"))

@@ -36,11 +36,19 @@ def create_adapter(
             support = SeededSupport(seed, name, info.numel, density)
         except ValueError as e:
             raise SpraError(str(e)) from None
-        weight = ckpt.read(name)
+        weight = ckpt.view(name)
         idx = ops.support_indices(support)
         values = torch.zeros(support.count, dtype=TORCH_DTYPES[values_dtype])
-        deltas[name] = TensorDelta(name, info.shape, weight.dtype, support, values, fingerprints(ops.gather(weight, idx)))
-    provenance = {"method": "create", "seed": seed, "density": density, "targets": list(targets), "exclude": list(exclude)}
+        deltas[name] = TensorDelta(
+            name, info.shape, weight.dtype, support, values, fingerprints(ops.gather(weight, idx))
+        )
+    provenance = {
+        "method": "create",
+        "seed": seed,
+        "density": density,
+        "targets": list(targets),
+        "exclude": list(exclude),
+    }
     return Adapter(deltas, {}, ckpt.identity(), {}, provenance, exact=True)
 
 
@@ -51,7 +59,7 @@ def verify_adapter(ckpt: Checkpoint, adapter: Adapter, progress: bool = False) -
     problems = _structure_problems(ckpt, adapter)
     for name, delta in tqdm(adapter.deltas.items(), desc="verifying", disable=not progress, leave=False):
         if name not in problems:
-            weight = ckpt.read(name)
+            weight = ckpt.view(name)
             why = delta.mismatch(weight, ops.gather(weight, delta.indices()))
             if why:
                 problems[name] = why
@@ -98,20 +106,28 @@ def apply_adapter(
     edited = {n for _, a in adapters for n in a.deltas}
     dense = {n: t for _, a in adapters for n, t in a.dense.items()}
 
-    def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
+    def edit(name: str, weight: torch.Tensor) -> None:
         touching = [(p, a.deltas[name]) for p, a in adapters if name in a.deltas]
         original = weight.clone() if len(touching) > 1 else weight
         for path, delta in touching:
             idx = delta.indices(weight.device)
             current = ops.gather(weight, idx)
-            if delta.mismatch(weight, current) and (original is weight or delta.mismatch(weight, ops.gather(original, idx))):
+            if delta.mismatch(weight, current) and (
+                original is weight or delta.mismatch(weight, ops.gather(original, idx))
+            ):
                 raise MismatchError(f"tensor {name!r}: {delta.mismatch(weight, current)}", path)
             ops.scatter_apply(weight, idx, delta.values, scale)
             if not bool(torch.isfinite(ops.gather(weight, idx)).all()) and bool(torch.isfinite(current).all()):
-                raise SpraError(f"tensor {name!r}: applying overflows {dtype_name(weight.dtype)} (Inf/NaN result)", path)
-        return weight
+                raise SpraError(
+                    f"tensor {name!r}: applying overflows {dtype_name(weight.dtype)} (Inf/NaN result)", path
+                )
 
     t0 = time.perf_counter()
     write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tensors": len(edited), "values": sum(a.num_values for _, a in adapters), "out": str(Path(out))}
+    return {
+        "seconds": seconds,
+        "tensors": len(edited),
+        "values": sum(a.num_values for _, a in adapters),
+        "out": str(Path(out)),
+    }

@@ -51,11 +51,15 @@ def _matcher(target: str):
     try:
         regex = re.compile(target)
     except re.error as e:
-        raise SpraError(f"--targets {target!r} is neither a preset ({', '.join(PRESETS)}) nor a valid regex: {e}") from None
+        raise SpraError(
+            f"--targets {target!r} is neither a preset ({', '.join(PRESETS)}) nor a valid regex: {e}"
+        ) from None
     return lambda name, shape: bool(regex.search(name))
 
 
-def select(tensors: Iterable[tuple[str, str, tuple[int, ...]]], targets: Iterable[str] = ("vo",), exclude: Iterable[str] = ()) -> list[str]:
+def select(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]], targets: Iterable[str] = ("vo",), exclude: Iterable[str] = ()
+) -> list[str]:
     """Names of floating-point tensors (name, dtype, shape) matched by any target and no exclude regex."""
     matchers = [_matcher(t) for t in targets]
     try:
@@ -65,9 +69,7 @@ def select(tensors: Iterable[tuple[str, str, tuple[int, ...]]], targets: Iterabl
     chosen = [
         name
         for name, dtype, shape in tensors
-        if dtype in FLOATS
-        and any(m(name, shape) for m in matchers)
-        and not any(e.search(name) for e in excludes)
+        if dtype in FLOATS and any(m(name, shape) for m in matchers) and not any(e.search(name) for e in excludes)
     ]
     if not chosen:
         raise SpraError(f"no floating-point tensor matches --targets {' '.join(targets)}")

@@ -30,7 +30,18 @@ def invoke(*args):
 
 def test_create_is_deterministic_and_seed_sensitive(base, tmp_path):
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        invoke("create", base, "-o", tmp_path / f"{name}.spra", "--density", "0.01", "--seed", seed, "--targets", "all-linear")
+        invoke(
+            "create",
+            base,
+            "-o",
+            tmp_path / f"{name}.spra",
+            "--density",
+            "0.01",
+            "--seed",
+            seed,
+            "--targets",
+            "all-linear",
+        )
     a, b, c = ((tmp_path / f"{n}.spra").read_bytes() for n in "abc")
     assert a == b
     assert a != c
@@ -65,7 +76,9 @@ def test_info_reports_counts_and_indices(base, tmp_path):
 
 def test_verify_and_apply(base, tmp_path):
     out = tmp_path / "t.spra"
-    invoke("create", base, "-o", out, "--density", "0.05", "--seed", 0, "--targets", "attn", "--exclude", r"layers\.0\.")
+    invoke(
+        "create", base, "-o", out, "--density", "0.05", "--seed", 0, "--targets", "attn", "--exclude", r"layers\.0\."
+    )
     assert "matches" in invoke("verify", base, out)
     invoke("apply", base, out, "-o", tmp_path / "merged")
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == sorted(p.name for p in base.iterdir())

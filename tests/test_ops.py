@@ -44,7 +44,9 @@ def _numpy_apply(w: torch.Tensor, idx: np.ndarray, v: torch.Tensor, scale: float
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("values_dtype", DTYPES)
-@pytest.mark.parametrize("shape,density,scale", [((64, 48), 0.1, 1.0), ((300,), 0.5, -0.37), ((3, 1), 1.0, 2.5), ((7, 5), 0.01, 1.0)])
+@pytest.mark.parametrize(
+    "shape,density,scale", [((64, 48), 0.1, 1.0), ((300,), 0.5, -0.37), ((3, 1), 1.0, 2.5), ((7, 5), 0.01, 1.0)]
+)
 def test_scatter_apply_matches_numpy(dtype, values_dtype, shape, density, scale):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, values_dtype, shape)).encode()))
     w = torch.randn(shape, generator=gen).to(dtype)

@@ -35,7 +35,7 @@ def _fine_tune(model, seed: int) -> None:
     """Stand-in for training: change a random 3% of the elements of every matrix and the first bias/norm."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             mask = torch.rand(p.shape, generator=gen) < 0.03
             noise = torch.randn(p.shape, generator=gen) * 0.05
             p.copy_(torch.where(mask, (p.float() + noise).to(p.dtype), p))
@@ -67,7 +67,9 @@ def test_diff_apply_reproduces_tuned_bit_exactly(pair):
     for name in tuned.names():
         assert torch.equal(_bits(out.read(name)), _bits(tuned.read(name))), name
     # Same shard names and index layout as the input; side files copied.
-    assert [p.name for p in (root / "out").glob("*.safetensors")] == [p.name for p in (root / "base").glob("*.safetensors")]
+    assert [p.name for p in (root / "out").glob("*.safetensors")] == [
+        p.name for p in (root / "base").glob("*.safetensors")
+    ]
     assert (root / "out" / "config.json").read_text() == (root / "base" / "config.json").read_text()
     if shard:
         index = json.loads((root / "out" / INDEX).read_text())

@@ -72,12 +72,19 @@ def diff_checkpoints(
     deltas, dense, report = {}, {}, {}
     kept_energy = total_energy = 0.0
     for name in tqdm(names, desc="diffing", disable=not progress, leave=False):
-        t = tuned.read(name)
-        if name not in base or base.info(name).shape != tuple(t.shape) or base.info(name).dtype != tuned.info(name).dtype:
+        t = tuned.view(name)
+        if (
+            name not in base
+            or base.info(name).shape != tuple(t.shape)
+            or base.info(name).dtype != tuned.info(name).dtype
+        ):
             dense[name] = t
-            report[name] = {"stored": "dense", "why": "not in the base" if name not in base else "shape or dtype changed"}
+            report[name] = {
+                "stored": "dense",
+                "why": "not in the base" if name not in base else "shape or dtype changed",
+            }
             continue
-        w = base.read(name)
+        w = base.view(name)
         flat_w, flat_t = w.reshape(-1), t.reshape(-1)
         changed = torch.nonzero(_bits(flat_w) != _bits(flat_t)).squeeze(1)
         if changed.numel() == 0:

@@ -65,8 +65,9 @@ def seeded_indices(seed: int, name: str, numel: int, density: float, device) -> 
     return torch.sort(y + owner * sup.BLOCK).values
 
 
+# index_select / index_copy_ rather than advanced indexing: on CPU they are ~100x faster.
 def gather(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(-1)[indices]
+    return torch.index_select(weight.reshape(-1), 0, indices)
 
 
 def scatter_apply(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float) -> None:
@@ -75,8 +76,9 @@ def scatter_apply(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     delta = values.to(torch.float32)
     if scale != 1.0:
         delta = delta * torch.tensor(scale, dtype=torch.float32, device=delta.device)
-    flat[indices] = (flat[indices].to(torch.float32) + delta).to(weight.dtype)
+    summed = torch.index_select(flat, 0, indices).to(torch.float32) + delta
+    flat.index_copy_(0, indices, summed.to(weight.dtype))
 
 
 def restore(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor) -> None:
-    weight.view(-1)[indices] = original
+    weight.view(-1).index_copy_(0, indices, original)
