@@ -120,11 +120,13 @@ def open_checkpoint(spec: str | os.PathLike, revision: str | None = None) -> Che
 def _read_index(path: Path) -> dict:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"cannot read the shard index ({e.__class__.__name__})", path) from None
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise FormatError("shard index has no valid weight_map", path)
+    if not isinstance(index.get("metadata") or {}, dict):
+        raise FormatError("shard index 'metadata' must be an object", path)
     return index
 
 

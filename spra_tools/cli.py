@@ -229,8 +229,9 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every value by X.")
 @click.option("--revision", help="Hub revision of BASE.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-nonfinite", is_flag=True, help="Apply NaN/Inf values instead of refusing them.")
 @click.pass_context
-def apply(ctx, base, adapters, out, scale, revision, overwrite):
+def apply(ctx, base, adapters, out, scale, revision, overwrite, allow_nonfinite):
     """Write BASE with ADAPTERS applied (in order) as a new checkpoint.
 
     Each adapter is verified against BASE first; a wrong base is refused and nothing is written.
@@ -243,8 +244,10 @@ def apply(ctx, base, adapters, out, scale, revision, overwrite):
     from .surgery import apply_adapter
 
     check_output(out, overwrite)
-    loaded = [(p, _load(p, allow_nonfinite=False)) for p in adapters]
-    stats = apply_adapter(open_checkpoint(base, revision), loaded, out, scale, overwrite, _progress(ctx))
+    loaded = [(p, _load(p, allow_nonfinite)) for p in adapters]
+    stats = apply_adapter(
+        open_checkpoint(base, revision), loaded, out, scale, overwrite, _progress(ctx), allow_nonfinite
+    )
     _say(ctx, f"wrote {out}: {stats['values']:,} values in {stats['tensors']} tensors, {stats['seconds']:.2f} s")
 
 

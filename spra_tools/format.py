@@ -133,11 +133,11 @@ def read_container(path: str | os.PathLike) -> Container:
         raise FormatError("permission denied", path) from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"header is not valid JSON ({e.__class__.__name__})", path) from None
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object", path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -165,7 +165,7 @@ def _tensor_info(path, name, entry, data_start, data_size) -> TensorInfo:
     if not isinstance(entry, dict):
         raise FormatError(f"tensor {name!r}: entry is not an object", path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"tensor {name!r}: unsupported dtype {dtype!r}", path)
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_count(d) for d in shape)):
         raise FormatError(f"tensor {name!r}: invalid shape {shape!r}", path)
@@ -173,7 +173,9 @@ def _tensor_info(path, name, entry, data_start, data_size) -> TensorInfo:
         raise FormatError(f"tensor {name!r}: invalid data_offsets {offsets!r}", path)
     begin, end = offsets
     if not begin <= end <= data_size:
-        raise FormatError(f"tensor {name!r}: data_offsets {offsets} outside the data ({data_size} bytes)", path)
+        raise FormatError(
+            f"tensor {name!r}: data_offsets {offsets} outside the data ({data_size} bytes; truncated?)", path
+        )
     numel = math.prod(shape)
     if numel * DTYPES[dtype][0] != end - begin:
         raise FormatError(f"tensor {name!r}: shape {shape} x {dtype} does not match {end - begin} bytes", path)
@@ -289,13 +291,14 @@ def read_spra(path: str | os.PathLike) -> SpraFile:
         raise FormatError("not a spra adapter (no 'spra' entry in the safetensors metadata)", path)
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         raise FormatError("adapter document is not valid JSON", path) from None
     if not isinstance(doc, dict) or doc.get("format") != MAGIC:
         raise FormatError("not a spra adapter document", path)
-    if doc.get("version") != VERSION:
+    version = doc.get("version")
+    if type(version) is not int or version != VERSION:
         raise FormatError(
-            f"format version {doc.get('version')!r} is not supported (this spra-tools reads version {VERSION}); "
+            f"format version {version!r} is not supported (this spra-tools reads version {VERSION}); "
             "upgrade spra-tools",
             path,
         )

@@ -28,7 +28,7 @@ def create_adapter(
     """A zero-valued seeded adapter over the targeted tensors, fingerprinted against `ckpt`."""
     from tqdm import tqdm
 
-    names = select(((n, ckpt.info(n).dtype, ckpt.info(n).shape) for n in ckpt.names()), targets, exclude)
+    names = select(((n, ckpt.info(n).dtype, ckpt.info(n).shape) for n in ckpt.names()), targets, exclude, ckpt.name)
     deltas = {}
     for name in tqdm(names, desc="reading base", disable=not progress, leave=False):
         info = ckpt.info(name)
@@ -88,6 +88,7 @@ def apply_adapter(
     scale: float = 1.0,
     overwrite: bool = False,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict:
     """Write ``base + scale * adapter`` (adapters applied in order) as a new checkpoint at `out`.
 
@@ -102,7 +103,8 @@ def apply_adapter(
             name, why = next(iter(problems.items()))
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise MismatchError(f"tensor {name!r}: {why}{more}; is this the adapter's base?", path)
-        adapter.check_finite(path)
+        if not allow_nonfinite:
+            adapter.check_finite(path)
     edited = {n for _, a in adapters for n in a.deltas}
     dense = {n: t for _, a in adapters for n, t in a.dense.items()}
 
@@ -117,7 +119,8 @@ def apply_adapter(
             ):
                 raise MismatchError(f"tensor {name!r}: {delta.mismatch(weight, current)}", path)
             ops.scatter_apply(weight, idx, delta.values, scale)
-            if not bool(torch.isfinite(ops.gather(weight, idx)).all()) and bool(torch.isfinite(current).all()):
+            finite_before = bool(torch.isfinite(current).all())
+            if not allow_nonfinite and finite_before and not bool(torch.isfinite(ops.gather(weight, idx)).all()):
                 raise SpraError(
                     f"tensor {name!r}: applying overflows {dtype_name(weight.dtype)} (Inf/NaN result)", path
                 )

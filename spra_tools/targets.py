@@ -58,9 +58,15 @@ def _matcher(target: str):
 
 
 def select(
-    tensors: Iterable[tuple[str, str, tuple[int, ...]]], targets: Iterable[str] = ("vo",), exclude: Iterable[str] = ()
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]],
+    targets: Iterable[str] = ("vo",),
+    exclude: Iterable[str] = (),
+    where: str | None = None,
 ) -> list[str]:
-    """Names of floating-point tensors (name, dtype, shape) matched by any target and no exclude regex."""
+    """Names of floating-point tensors (name, dtype, shape) matched by any target and no exclude regex.
+
+    `where` names the checkpoint in the error raised when nothing matches.
+    """
     matchers = [_matcher(t) for t in targets]
     try:
         excludes = [re.compile(e) for e in exclude]
@@ -72,5 +78,5 @@ def select(
         if dtype in FLOATS and any(m(name, shape) for m in matchers) and not any(e.search(name) for e in excludes)
     ]
     if not chosen:
-        raise SpraError(f"no floating-point tensor matches --targets {' '.join(targets)}")
+        raise SpraError(f"no floating-point tensor matches --targets {' '.join(targets)}", where)
     return chosen

@@ -68,7 +68,7 @@ def diff_checkpoints(
 
     preferred = TORCH_DTYPES[values_dtype]
     candidates = [(n, tuned.info(n).dtype, tuned.info(n).shape) for n in tuned.names()]
-    names = select(candidates, targets, exclude)
+    names = select(candidates, targets, exclude, tuned.name)
     deltas, dense, report = {}, {}, {}
     kept_energy = total_energy = 0.0
     for name in tqdm(names, desc="diffing", disable=not progress, leave=False):
