@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ DTYPES: dict[str, tuple[int, np.dtype]] = {
     "F64": (8, np.dtype("<f8")),
 }
 FLOAT_DTYPES = ("F32", "BF16", "F16")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
 VALUE_DTYPES = ("BF16", "F16", "F32")
 
 
@@ -283,7 +285,7 @@ def write_spra(f: BinaryIO, spra: SpraFile) -> None:
 
 
 def read_spra(path: str | os.PathLike) -> SpraFile:
-    """Read and fully validate a .spra file (see docs/FORMAT.md §6 for the checks)."""
+    """Read and fully validate a .spra file (see docs/FORMAT.md §8 for the checks)."""
     c = read_container(path)
     path = c.path
     raw = c.metadata.get(METADATA_KEY)
@@ -325,6 +327,8 @@ def read_spra(path: str | os.PathLike) -> SpraFile:
             if name.startswith(DENSE):
                 if info.dtype not in FLOAT_DTYPES:
                     raise FormatError(f"dense tensor {name!r} has dtype {info.dtype}", path)
+                if name[len(DENSE) :] in seen:
+                    raise FormatError(f"{name!r} is also an adapted tensor", path)
                 array = c.read_array(name, f).reshape(info.shape)
                 dense.append(DenseRecord(name[len(DENSE) :], info.dtype, array))
                 expected.add(name)
@@ -357,9 +361,10 @@ def _read_record(c: Container, f: BinaryIO, i: int, entry) -> TensorRecord:
     if not (
         isinstance(fp, dict)
         and fp
-        and all(k in FLOAT_DTYPES and isinstance(v, str) and len(v) == 16 for k, v in fp.items())
+        and dtype in fp
+        and all(k in FLOAT_DTYPES and isinstance(v, str) and _HEX16.fullmatch(v) for k, v in fp.items())
     ):
-        raise bad("fingerprint must map base dtypes to 16 hex digits")
+        raise bad("fingerprint must map the base dtype (and optionally its casts) to 16 lowercase hex digits")
     spec = entry.get("support")
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "seeded":
@@ -396,9 +401,9 @@ def fingerprint(bits: np.ndarray) -> str:
     ``sum_k mix64(bits_k + (k + 1) * 0x9E3779B97F4A7C15) mod 2**64`` as 16 lowercase hex digits:
     order-sensitive, and a sum so that it can be computed in parallel on any device.
     """
-    acc = np.uint64(0)
+    acc = 0
     for c0 in range(0, bits.size, sup._CHUNK):
         part = bits[c0 : c0 + sup._CHUNK].astype(np.uint64)
         k = np.arange(c0 + 1, c0 + 1 + part.size, dtype=np.uint64)
-        acc += sup._mix64_np(part + k * np.uint64(sup._GOLDEN)).sum(dtype=np.uint64)
-    return f"{int(acc):016x}"
+        acc += int(sup._mix64_np(part + k * np.uint64(sup._GOLDEN)).sum(dtype=np.uint64))
+    return f"{acc & sup._M64:016x}"

@@ -101,7 +101,11 @@ def block_counts(numel: int, density: float) -> np.ndarray:
     check_numel(numel)
     check_density(density)
     ends = np.minimum((np.arange(_num_blocks(numel), dtype=np.int64) + 1) * BLOCK, numel)
-    return np.floor(np.float64(density) * ends.astype(np.float64)).astype(np.int64)
+    cum = np.floor(np.float64(density) * ends.astype(np.float64)).astype(np.int64)
+    # Only reachable beyond 2**35 elements at densities above 1 - 2**-7 (docs/FORMAT.md §4.3).
+    if np.any(np.diff(cum, prepend=np.int64(0)) > np.diff(ends, prepend=np.int64(0))):
+        raise ValueError(f"density {density!r} over {numel} elements gives a block more elements than it holds")
+    return cum
 
 
 def _num_blocks(numel: int) -> int:
