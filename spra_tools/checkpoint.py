@@ -254,9 +254,8 @@ def _edit_shard(target: Path, names: list[str], edit) -> None:
             edit(name, weight)
             if info.begin % weight.element_size():  # the edit went to an aligned copy
                 mm[info.begin : info.end] = np.frombuffer(tensor_bytes(weight), dtype=np.uint8)
-        mm.flush()
     finally:
-        del mm
+        del mm  # no msync: like cp, leave write-back to the kernel
 
 
 def _tensor_over(mm: np.memmap, info: fmt.TensorInfo) -> torch.Tensor:
