@@ -431,42 +431,30 @@ def _(w):
     return Bad(w.apply(w.seeded, copy), "outside the data", shard)
 
 
-@case("base-index-not-json")
-def _(w):
-    copy = _base_copy(w)
-    index = copy / "model.safetensors.index.json"
-    index.write_text("{not json")
-    return Bad(w.apply(w.seeded, copy), "cannot read the shard index", index)
+# A shard index that cannot be used: (id, new index text from the old one, expected message).
+BAD_INDEXES = [
+    ("base-index-not-json", lambda old: "{not json", "cannot read the shard index"),
+    (
+        "base-index-huge-integer",
+        lambda old: '{"metadata": {"total_size": ' + HUGE_INT + '}, "weight_map": {}}',
+        "cannot read the shard index",
+    ),
+    ("base-index-deeply-nested", lambda old: "[" * 100_000 + "]" * 100_000, "cannot read the shard index"),
+    ("base-index-metadata-not-object", lambda old: json.dumps({**json.loads(old), "metadata": [1]}), "metadata"),
+]
 
 
-@case(
-    "base-index-huge-integer",
-)
-def _(w):
-    copy = _base_copy(w)
-    index = copy / "model.safetensors.index.json"
-    index.write_text('{"metadata": {"total_size": ' + HUGE_INT + '}, "weight_map": {}}')
-    return Bad(w.apply(w.seeded, copy), "cannot read the shard index", index)
+def _bad_index_case(case_id, new_text, expected):
+    @case(case_id)
+    def _(w):
+        copy = _base_copy(w)
+        index = copy / "model.safetensors.index.json"
+        index.write_text(new_text(index.read_text()))
+        return Bad(w.apply(w.seeded, copy), expected, index)
 
 
-@case(
-    "base-index-deeply-nested",
-)
-def _(w):
-    copy = _base_copy(w)
-    index = copy / "model.safetensors.index.json"
-    index.write_text("[" * 100_000 + "]" * 100_000)
-    return Bad(w.apply(w.seeded, copy), "cannot read the shard index", index)
-
-
-@case(
-    "base-index-metadata-not-object",
-)
-def _(w):
-    copy = _base_copy(w)
-    index = copy / "model.safetensors.index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "metadata": [1]}))
-    return Bad(w.apply(w.seeded, copy), "metadata", index)
+for _bad_index in BAD_INDEXES:
+    _bad_index_case(*_bad_index)
 
 
 # -- the output -------------------------------------------------------------------------------

@@ -294,18 +294,10 @@ def header_mutations(draw, valid: dict[str, bytes], values) -> bytes:
     return _join(text, body)
 
 
-def test_header_mutations(valid, target):
+@pytest.mark.parametrize("values", [scalars, containers], ids=["scalar-values", "container-values"])
+def test_header_mutations(valid, target, values):
     @FUZZ
-    @given(header_mutations(valid, scalars))
-    def run(data):
-        check_reader(target, data)
-
-    run()
-
-
-def test_header_mutations_with_container_values(valid, target):
-    @FUZZ
-    @given(header_mutations(valid, containers))
+    @given(header_mutations(valid, values))
     def run(data):
         check_reader(target, data)
 
