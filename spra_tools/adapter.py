@@ -19,7 +19,7 @@ from . import format as fmt
 from . import ops
 from .errors import SpraError
 from .fsutil import atomic_path
-from .support import ExplicitSupport, SeededSupport, Support
+from .support import ExplicitSupport, Support
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -158,10 +158,6 @@ class Adapter:
                     fmt.write_spra(f, spra)
             except OSError as e:
                 raise SpraError(f"cannot write ({e.strerror})", path) from None
-
-
-def is_seeded(adapter: Adapter) -> bool:
-    return all(isinstance(d.support, SeededSupport) for d in adapter.deltas.values())
 
 
 def explicit_delta(

@@ -157,10 +157,8 @@ def _download(repo: str, revision: str | None) -> Path:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor."""
-    t = t.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy())
+    t = t.detach().contiguous().cpu().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy() if t.numel() else b"")
 
 
 def write_checkpoint(

@@ -114,13 +114,15 @@ def apply_adapter(
         for path, delta in touching:
             idx = delta.indices(weight.device)
             current = ops.gather(weight, idx)
-            if delta.mismatch(weight, current) and (
-                original is weight or delta.mismatch(weight, ops.gather(original, idx))
-            ):
-                raise MismatchError(f"tensor {name!r}: {delta.mismatch(weight, current)}", path)
+            why = delta.mismatch(weight, current)
+            if why and (original is weight or delta.mismatch(weight, ops.gather(original, idx))):
+                raise MismatchError(f"tensor {name!r}: {why}", path)
             ops.scatter_apply(weight, idx, delta.values, scale)
-            finite_before = bool(torch.isfinite(current).all())
-            if not allow_nonfinite and finite_before and not bool(torch.isfinite(ops.gather(weight, idx)).all()):
+            if (
+                not allow_nonfinite
+                and bool(torch.isfinite(current).all())
+                and not bool(torch.isfinite(ops.gather(weight, idx)).all())
+            ):
                 raise SpraError(
                     f"tensor {name!r}: applying overflows {dtype_name(weight.dtype)} (Inf/NaN result)", path
                 )
