@@ -170,7 +170,7 @@ def write_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write `ckpt` to `out`, shard by shard, holding at most one tensor in memory.
+    """Write `ckpt` to `out`, shard by shard, never holding the model in memory.
 
     Each shard is first copied byte for byte (in the kernel); then ``edit(name, weight)`` changes
     the tensors named in `edited` in place, `weight` being a view of the output file, so an edit

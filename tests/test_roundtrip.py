@@ -123,3 +123,39 @@ def test_density_diff_keeps_largest_changes(pair):
         dropped = delta.clone()
         dropped[d.indices()] = -1
         assert kept.min() >= dropped.max(), name  # nothing larger was left out
+
+
+def test_apply_to_tensors_not_aligned_for_their_dtype(tmp_path):
+    """A hand-made single-file base whose float tensors start at odd offsets (legal safetensors)."""
+    import numpy as np
+
+    from spra_tools import format as fmt
+
+    gen = torch.Generator().manual_seed(9)
+    tensors = {
+        "odd": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=gen),
+        "a.weight": torch.randn(40, 24, generator=gen).to(torch.bfloat16),
+        "b.weight": torch.randn(17, 9, generator=gen),
+    }
+    with open(tmp_path / "base.safetensors", "wb") as f:
+        fmt.write_container(
+            f,
+            [
+                (n, {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype], _bits(t).numpy())
+                for n, t in tensors.items()
+            ],
+            None,
+        )
+    base = open_checkpoint(tmp_path / "base.safetensors")
+    assert base.info("a.weight").begin % 2 and base.info("b.weight").begin % 4
+    adapter = create_adapter(base, density=0.3, seed=4, targets=["all"])
+    for d in adapter.deltas.values():
+        d.values = torch.randn(d.count, generator=gen).to(torch.bfloat16)
+    apply_adapter(base, [("mem", adapter)], tmp_path / "out.safetensors")
+    out = open_checkpoint(tmp_path / "out.safetensors")
+    assert torch.equal(out.read("odd"), tensors["odd"])
+    for name, d in adapter.deltas.items():
+        expected = tensors[name].clone()
+        ops.scatter_apply(expected, d.indices(), d.values)
+        assert torch.equal(_bits(out.read(name)), _bits(expected)), name
+        assert not np.array_equal(_bits(expected).numpy(), _bits(tensors[name]).numpy())
