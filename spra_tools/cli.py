@@ -267,6 +267,25 @@ def env(as_json):
         click.echo(f"{key:<16}{value}")
 
 
+@cli.command("build-ext")
+@click.option("--kind", type=click.Choice(["all", "cpu", "cuda"]), default="all", show_default=True)
+def build_ext(kind):
+    """Build the compiled extension now (it otherwise builds on first use) and report its status.
+
+    Exit 1 if a requested build fails. CUDA is built when torch is a CUDA build and CUDA_HOME
+    holds nvcc; without a visible GPU it targets TORCH_CUDA_ARCH_LIST (default 9.0).
+    """
+    from .ops import extension
+
+    failed = False
+    for k in extension.KINDS if kind == "all" else (kind,):
+        status = extension.load(k)
+        click.echo(f"{k:<5} {status}")
+        failed |= status != "ok" and (kind != "all" or status.startswith("build failed"))
+    if failed:
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here (default: a temp dir).")
 @click.pass_context

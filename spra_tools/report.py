@@ -67,10 +67,12 @@ def environment() -> dict:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             devices.append({"type": "cuda", "index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
-    try:
-        backend = ops.backend_for("cpu")
-    except SpraError as e:
-        backend = f"error: {e}"
+    backends = {}
+    for d in devices:
+        try:
+            backends[d["type"]] = ops.backend_for(d["type"], build=False)
+        except SpraError as e:
+            backends[d["type"]] = f"error: {e}"
     return {
         "spra_tools": __version__,
         "python": platform.python_version(),
@@ -79,6 +81,6 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         **{pkg: version(pkg) for pkg in ("transformers", "safetensors", "huggingface_hub", "numpy", "click")},
         "devices": devices,
-        "backend": {"SPRA_BACKEND": os.environ.get("SPRA_BACKEND", "auto"), "cpu": backend},
+        "backend": {"SPRA_BACKEND": os.environ.get("SPRA_BACKEND", "auto"), **backends},
         "extension": ops.compiled_backends(),
     }

@@ -12,33 +12,37 @@ fused multiply-add), the final cast round-to-nearest-even. With scale == 1 the p
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
 from ..errors import SpraError
-from ..support import ExplicitSupport, SeededSupport, Support
-from . import reference
+from ..support import ExplicitSupport, SeededSupport, Support, tensor_key
+from . import extension
+from .library import DEFAULTS, as_key
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 
 
-def compiled_backends() -> dict[str, str]:
-    """Status of each compiled backend: "ok" or the reason it is unavailable."""
-    reason = "not built: this version of spra-tools ships the reference backend only"
-    return {"cpu": reason, "cuda": reason}
+def compiled_backends(build: bool = False) -> dict[str, str]:
+    """Status of each compiled backend: "ok" or the reason it is unavailable (builds only if asked)."""
+    return {kind: extension.load(kind, build) for kind in extension.KINDS}
 
 
-def backend_for(device: torch.device | str) -> str:
-    """The backend that serves tensors on `device` under the current SPRA_BACKEND."""
+def backend_for(device: torch.device | str, build: bool = True) -> str:
+    """The backend that serves tensors on `device` under the current SPRA_BACKEND.
+
+    With `build`, a compiled backend not yet built is built now (once; cached)."""
     choice = os.environ.get("SPRA_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise SpraError(f"SPRA_BACKEND={choice!r} is not one of {', '.join(BACKENDS)}")
     device_type = torch.device(device).type
     if choice == "auto":
-        return device_type if compiled_backends().get(device_type) == "ok" else "reference"
+        usable = device_type in extension.KINDS and extension.load(device_type, build) == "ok"
+        return device_type if usable else "reference"
     if choice == "reference":
         return "reference"
-    status = compiled_backends()[choice]
+    status = extension.load(choice, build)
     if status != "ok":
         raise SpraError(f"SPRA_BACKEND={choice} is unavailable ({status})")
     if choice != device_type:
@@ -46,29 +50,77 @@ def backend_for(device: torch.device | str) -> str:
     return choice
 
 
+def _op(name: str, device) -> Callable:
+    """The kernel of op `name` for tensors on `device`: compiled through the dispatcher, or the reference."""
+    return DEFAULTS[name] if backend_for(device) == "reference" else getattr(torch.ops.spra_tools, name)
+
+
 def support_indices(support: Support, device: torch.device | str = "cpu") -> torch.Tensor:
     """The support's sorted int64 flat indices as a tensor on `device`."""
     if isinstance(support, ExplicitSupport):
         return torch.from_numpy(support.flat).to(device)
     assert isinstance(support, SeededSupport)
-    backend_for(device)
-    if torch.device(device).type == "cpu":
-        # On CPU the numpy spec is the fastest reference implementation.
-        return torch.from_numpy(support.indices())
-    return reference.seeded_indices(support.seed, support.name, support.numel, support.density, device)
+    if backend_for(device) == "reference" and torch.device(device).type == "cpu":
+        return torch.from_numpy(support.indices())  # the numpy spec: the fastest reference on CPU
+    return _op("seeded_indices", device)(
+        torch.empty(0, device=device), [_key(support)], [support.numel], [float(support.density)]
+    )
+
+
+def _key(support: SeededSupport) -> int:
+    return as_key(tensor_key(support.seed, support.name))
+
+
+def _seeded_args(weights: list[torch.Tensor], supports: list[SeededSupport]):
+    if len(weights) != len(supports) or not weights:
+        raise ValueError("need one seeded support per weight, and at least one weight")
+    for w, s in zip(weights, supports):
+        if not w.is_contiguous() or w.numel() != s.numel:
+            raise ValueError(f"weight for {s.name!r} must be contiguous with {s.numel} elements")
+        if w.dtype != weights[0].dtype or w.device != weights[0].device:
+            raise ValueError("weights of one call must share dtype and device")
+    return [_key(s) for s in supports], [float(s.density) for s in supports]
+
+
+def gather_seeded(weights: list[torch.Tensor], supports: list[SeededSupport]) -> torch.Tensor:
+    """Weights at their seeded supports, flat in tensor order — one launch for all tensors."""
+    keys, densities = _seeded_args(weights, supports)
+    return _op("seeded_gather", weights[0].device)(weights, keys, densities)
+
+
+def apply_seeded(
+    weights: list[torch.Tensor],
+    supports: list[SeededSupport],
+    values: torch.Tensor,
+    scale: float = 1.0,
+    save_originals: bool = True,
+) -> torch.Tensor:
+    """In place, all tensors in one launch: ``W[s] = cast(W[s] + scale * v)``, supports regenerated
+    from their seeds on the fly. `values` is flat in tensor order; returns the originals (flat,
+    weight dtype) for an exact `restore_seeded`, or an empty tensor."""
+    keys, densities = _seeded_args(weights, supports)
+    if values.dim() != 1 or values.numel() != sum(s.count for s in supports) or values.device != weights[0].device:
+        raise ValueError("values must be 1-D, on the weights' device, one per support element")
+    return _op("seeded_apply", weights[0].device)(weights, keys, densities, values, float(scale), save_originals)
+
+
+def restore_seeded(weights: list[torch.Tensor], supports: list[SeededSupport], originals: torch.Tensor) -> None:
+    """In place: put back the originals returned by apply_seeded — bit-exact."""
+    keys, densities = _seeded_args(weights, supports)
+    if originals.dtype != weights[0].dtype or originals.numel() != sum(s.count for s in supports):
+        raise ValueError("originals must be what apply_seeded returned for these weights")
+    _op("seeded_restore", weights[0].device)(weights, keys, densities, originals)
 
 
 def gather(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``W.flatten()[indices]`` in W's dtype."""
-    backend_for(weight.device)
-    return reference.gather(weight, indices)
+    return _op("gather", weight.device)(weight, indices)
 
 
 def scatter_apply(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> None:
     """In place: ``W[s] = cast(W[s] + scale * v)`` with fp32 math (module docstring)."""
     _check(weight, indices, values)
-    backend_for(weight.device)
-    reference.scatter_apply(weight, indices, values, float(scale))
+    _op("scatter_apply", weight.device)(weight, indices, values, float(scale))
 
 
 def restore(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor) -> None:
@@ -76,8 +128,7 @@ def restore(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor)
     _check(weight, indices, original)
     if original.dtype != weight.dtype:
         raise ValueError(f"restore needs originals in the weight dtype {weight.dtype}, got {original.dtype}")
-    backend_for(weight.device)
-    reference.restore(weight, indices, original)
+    _op("restore", weight.device)(weight, indices, original)
 
 
 def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
@@ -85,6 +136,3 @@ def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
         raise ValueError("weight must be contiguous")
     if indices.dtype != torch.int64 or values.shape != indices.shape:
         raise ValueError(f"need int64 indices and values of the same length, got {indices.shape} and {values.shape}")
-
-
-__all__ = ["backend_for", "compiled_backends", "gather", "restore", "scatter_apply", "support_indices"]

@@ -40,7 +40,12 @@ def _feistel(x: torch.Tensor, keys: torch.Tensor, width: int) -> torch.Tensor:
 
 def seeded_indices(seed: int, name: str, numel: int, density: float, device) -> torch.Tensor:
     """Sorted int64 flat indices of a seeded support, bit-identical to support.seeded_indices."""
-    key = _s64(sup.tensor_key(seed, name))
+    return seeded_indices_for_key(sup.tensor_key(seed, name), numel, density, device)
+
+
+def seeded_indices_for_key(tensor_key: int, numel: int, density: float, device) -> torch.Tensor:
+    """As seeded_indices, from the tensor's 64-bit support key."""
+    key = _s64(tensor_key)
     cum = torch.from_numpy(sup.block_counts(numel, density)).to(device)
     total = int(cum[-1]) if cum.numel() else 0
     if total == 0:

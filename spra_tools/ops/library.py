@@ -1,0 +1,149 @@
+"""The spra_tools torch ops: schema, fake (meta) kernel and pure-torch default kernel of each.
+
+The ops exist without the compiled extension: the default kernels (the reference backend) serve
+any device; when the extension is loaded its CPU / CUDA kernels take over for those devices.
+Seeded ops take a whole model's adapted tensors at once — `keys` are the tensors' 64-bit support
+keys (support.tensor_key) as signed int64, values and originals are flat in tensor order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import support as sup
+from . import reference
+
+NS = "spra_tools"
+
+_SCHEMAS = {
+    "seeded_indices": "(Tensor device_like, int[] keys, int[] numels, float[] densities) -> Tensor",
+    "seeded_gather": "(Tensor[] weights, int[] keys, float[] densities) -> Tensor",
+    "seeded_apply": "(Tensor(a!)[] weights, int[] keys, float[] densities, Tensor values, float scale, "
+    "bool save_originals) -> Tensor",
+    "seeded_restore": "(Tensor(a!)[] weights, int[] keys, float[] densities, Tensor originals) -> ()",
+    "gather": "(Tensor weight, Tensor indices) -> Tensor",
+    "scatter_apply": "(Tensor(a!) weight, Tensor indices, Tensor values, float scale) -> ()",
+    "restore": "(Tensor(a!) weight, Tensor indices, Tensor original) -> ()",
+}
+
+for _name, _schema in _SCHEMAS.items():
+    torch.library.define(f"{NS}::{_name}", _schema)
+
+
+def as_key(key: int) -> int:
+    """A uint64 support key as the int64 with the same bits (what the op schemas carry)."""
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _count(numels, densities) -> int:
+    return sum(sup.seeded_count(n, d) for n, d in zip(numels, densities))
+
+
+def _reference_indices(keys, numels, densities, device) -> list[torch.Tensor]:
+    return [reference.seeded_indices_for_key(k % (1 << 64), n, d, device) for k, n, d in zip(keys, numels, densities)]
+
+
+# --- default kernels: the reference backend -----------------------------------------------------
+
+DEFAULTS: dict = {}  # op name -> its default kernel, for calling the reference backend directly
+
+
+def _default(name: str):
+    def register(fn):
+        torch.library.impl(f"{NS}::{name}", "CompositeExplicitAutograd")(fn)
+        DEFAULTS[name] = fn
+        return fn
+
+    return register
+
+
+@_default("seeded_indices")
+def _seeded_indices(device_like, keys, numels, densities):
+    parts = _reference_indices(keys, numels, densities, device_like.device)
+    return torch.cat(parts) if parts else device_like.new_empty(0, dtype=torch.int64)
+
+
+@_default("seeded_gather")
+def _seeded_gather(weights, keys, densities):
+    idx = _reference_indices(keys, [w.numel() for w in weights], densities, weights[0].device if weights else "cpu")
+    parts = [reference.gather(w, i) for w, i in zip(weights, idx)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+@_default("seeded_apply")
+def _seeded_apply(weights, keys, densities, values, scale, save_originals):
+    if not weights:
+        return values.new_empty(0)
+    idx = _reference_indices(keys, [w.numel() for w in weights], densities, weights[0].device)
+    originals, offset = [], 0
+    for w, i in zip(weights, idx):
+        if save_originals:
+            originals.append(reference.gather(w, i))
+        reference.scatter_apply(w, i, values[offset : offset + i.numel()], scale)
+        offset += i.numel()
+    return torch.cat(originals) if originals else weights[0].new_empty(0)
+
+
+@_default("seeded_restore")
+def _seeded_restore(weights, keys, densities, originals):
+    if not weights:
+        return
+    idx = _reference_indices(keys, [w.numel() for w in weights], densities, weights[0].device)
+    offset = 0
+    for w, i in zip(weights, idx):
+        reference.restore(w, i, originals[offset : offset + i.numel()])
+        offset += i.numel()
+
+
+@_default("gather")
+def _gather(weight, indices):
+    return reference.gather(weight, indices)
+
+
+@_default("scatter_apply")
+def _scatter_apply(weight, indices, values, scale):
+    reference.scatter_apply(weight, indices, values, scale)
+
+
+@_default("restore")
+def _restore(weight, indices, original):
+    reference.restore(weight, indices, original)
+
+
+# --- fake kernels: shapes and dtypes only ------------------------------------------------------
+
+
+@torch.library.register_fake(f"{NS}::seeded_indices")
+def _(device_like, keys, numels, densities):
+    return device_like.new_empty(_count(numels, densities), dtype=torch.int64)
+
+
+@torch.library.register_fake(f"{NS}::seeded_gather")
+def _(weights, keys, densities):
+    return weights[0].new_empty(_count([w.numel() for w in weights], densities))
+
+
+@torch.library.register_fake(f"{NS}::seeded_apply")
+def _(weights, keys, densities, values, scale, save_originals):
+    n = _count([w.numel() for w in weights], densities) if save_originals else 0
+    return weights[0].new_empty(n)
+
+
+@torch.library.register_fake(f"{NS}::seeded_restore")
+def _(weights, keys, densities, originals):
+    return None
+
+
+@torch.library.register_fake(f"{NS}::gather")
+def _(weight, indices):
+    return weight.new_empty(indices.shape)
+
+
+@torch.library.register_fake(f"{NS}::scatter_apply")
+def _(weight, indices, values, scale):
+    return None
+
+
+@torch.library.register_fake(f"{NS}::restore")
+def _(weight, indices, original):
+    return None
