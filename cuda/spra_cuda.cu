@@ -1,7 +1,8 @@
 // CUDA kernels of the spra_tools ops (schemas: spra_tools/ops/library.py).
 //
-// Seeded ops: one launch for every adapted tensor of a call, one CTA per 2**16-element block.
-// A CTA regenerates its block's support in shared memory (sorting the first m permutation
+// Seeded ops: one launch for every adapted tensor of a call; each CTA walks over 2**16-element
+// blocks (a grid-stride loop: at 0.1 % a block holds ~65 elements, too little work to pay for a
+// CTA launch of its own). A CTA regenerates a block's support in shared memory (sorting the first m permutation
 // outputs, or, for dense blocks, testing each position's inverse image and ranking by a block
 // scan) and applies the op to each element; supports are never stored in global memory.
 // Arithmetic is spelled with __fmul_rn / __fadd_rn so it is never contracted into an FMA.
@@ -24,58 +25,62 @@ namespace {
 constexpr int kThreads = 128;
 
 template <typename Op>
-__global__ void __launch_bounds__(kThreads) seeded_kernel(const TensorEntry* entries, int n, Op op) {
-  __shared__ uint32_t offsets[kSortMax];
+__global__ void __launch_bounds__(kThreads) seeded_kernel(const TensorEntry* entries, int n, int64_t blocks, Op op) {
+  // Offsets within a block are < 2**16; padding with 0xFFFF is harmless: it sorts last, and a
+  // real offset 0xFFFF among the pads reads back the same value.
+  __shared__ uint16_t offsets[kSortMax];
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan;
 
-  const int64_t g = blockIdx.x;
-  const int t = find_entry(entries, n, g);
-  const TensorEntry e = entries[t];
-  const int64_t b = g - e.first_block;
-  const int64_t start = b * kBlock;
-  const int64_t end = start + kBlock < e.numel ? start + kBlock : e.numel;
-  const int64_t length = end - start;
-  const int64_t before = cum_count(e.density, start);
-  const int64_t m = cum_count(e.density, end) - before;
-  if (m == 0) return;
-  const RoundKeys rk = round_keys(e.key, b);
-  const int width = feistel_width(length);
-  const int64_t first = e.first_value + before;
+  for (int64_t g = blockIdx.x; g < blocks; g += gridDim.x) {
+    const int t = find_entry(entries, n, g);
+    const TensorEntry e = entries[t];
+    const int64_t b = g - e.first_block;
+    const int64_t start = b * kBlock;
+    const int64_t end = start + kBlock < e.numel ? start + kBlock : e.numel;
+    const int64_t length = end - start;
+    const int64_t before = cum_count(e.density, start);
+    const int64_t m = cum_count(e.density, end) - before;
+    if (m == 0) continue;  // uniform across the CTA
+    const RoundKeys rk = round_keys(e.key, b);
+    const int width = feistel_width(length);
+    const int64_t first = e.first_value + before;
 
-  if (m <= kSortMax) {
-    int p = 1;
-    while (p < m) p <<= 1;
-    for (int j = threadIdx.x; j < p; j += kThreads)
-      offsets[j] = j < m ? permute(static_cast<uint32_t>(j), rk, width, length) : 0xFFFFFFFFu;
-    __syncthreads();
-    for (int k = 2; k <= p; k <<= 1) {  // bitonic sort of p entries
-      for (int j = k >> 1; j > 0; j >>= 1) {
-        for (int i = threadIdx.x; i < p; i += kThreads) {
-          const int partner = i ^ j;
-          if (partner > i) {
-            const uint32_t a = offsets[i], c = offsets[partner];
-            if ((a > c) == ((i & k) == 0)) {
-              offsets[i] = c;
-              offsets[partner] = a;
+    if (m <= kSortMax) {
+      int p = 1;
+      while (p < m) p <<= 1;
+      for (int j = threadIdx.x; j < p; j += kThreads)
+        offsets[j] = j < m ? static_cast<uint16_t>(permute(static_cast<uint32_t>(j), rk, width, length)) : 0xFFFF;
+      __syncthreads();
+      for (int k = 2; k <= p; k <<= 1) {  // bitonic sort of p entries
+        for (int j = k >> 1; j > 0; j >>= 1) {
+          for (int i = threadIdx.x; i < p; i += kThreads) {
+            const int partner = i ^ j;
+            if (partner > i) {
+              const uint16_t a = offsets[i], c = offsets[partner];
+              if ((a > c) == ((i & k) == 0)) {
+                offsets[i] = c;
+                offsets[partner] = a;
+              }
             }
           }
+          __syncthreads();
         }
+      }
+      for (int r = threadIdx.x; r < m; r += kThreads) op(t, start + offsets[r], first + r);
+    } else {
+      int64_t rank = 0;
+      for (int64_t x0 = 0; x0 < length; x0 += kThreads) {
+        const int64_t x = x0 + threadIdx.x;
+        const int member = x < length && permute_inverse(static_cast<uint32_t>(x), rk, width, length) < m;
+        int below, total;
+        Scan(scan).ExclusiveSum(member, below, total);
+        if (member) op(t, start + x, first + rank + below);
+        rank += total;
         __syncthreads();
       }
     }
-    for (int r = threadIdx.x; r < m; r += kThreads) op(t, start + offsets[r], first + r);
-  } else {
-    int64_t rank = 0;
-    for (int64_t x0 = 0; x0 < length; x0 += kThreads) {
-      const int64_t x = x0 + threadIdx.x;
-      const int member = x < length && permute_inverse(static_cast<uint32_t>(x), rk, width, length) < m;
-      int below, total;
-      Scan(scan).ExclusiveSum(member, below, total);
-      if (member) op(t, start + x, first + rank + below);
-      rank += total;
-      __syncthreads();
-    }
+    __syncthreads();  // shared memory is reused by the next block
   }
 }
 
@@ -156,8 +161,12 @@ Table make_table(at::IntArrayRef keys, at::IntArrayRef numels, at::ArrayRef<doub
 template <typename Op>
 void launch(const Table& table, Op op) {
   if (table.blocks == 0 || table.values == 0) return;
-  seeded_kernel<<<static_cast<unsigned>(table.blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      table.entries(), table.n, op);
+  int device, sms;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t grid = std::min<int64_t>(table.blocks, int64_t(sms) * 16);
+  seeded_kernel<<<static_cast<unsigned>(grid), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      table.entries(), table.n, table.blocks, op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
