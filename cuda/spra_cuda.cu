@@ -23,6 +23,82 @@ namespace spra {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+// Blocks with at most this many elements (density up to ~1.5 %) are handled by one warp each.
+constexpr int kWarpMax = 1024;
+constexpr int kBuckets = 64;  // of 1024 offsets each
+
+// One warp per sparse block: bucket the permutation outputs by their top 6 bits (a counting
+// sort: shared atomics place them), then sort each bucket — a few elements — by insertion. The
+// atomics only decide the order inside a bucket, which the insertion sort then fixes, so the
+// result is deterministic. O(m) work, against O(m log^2 m) for a bitonic sort over the CTA.
+template <typename Op>
+__global__ void __launch_bounds__(kThreads) warp_kernel(const TensorEntry* entries, int n, int64_t blocks, Op op) {
+  __shared__ uint16_t unsorted[kWarps][kWarpMax];
+  __shared__ uint16_t sorted[kWarps][kWarpMax];
+  __shared__ int fill[kWarps][kBuckets];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint16_t* in = unsorted[warp];
+  uint16_t* out = sorted[warp];
+  int* slot = fill[warp];
+
+  for (int64_t g = int64_t(blockIdx.x) * kWarps + warp; g < blocks; g += int64_t(gridDim.x) * kWarps) {
+    const int t = find_entry(entries, n, g);
+    const TensorEntry e = entries[t];
+    const int64_t b = g - e.first_block;
+    const int64_t start = b * kBlock;
+    const int64_t end = start + kBlock < e.numel ? start + kBlock : e.numel;
+    const int64_t length = end - start;
+    const int64_t before = cum_count(e.density, start);
+    const int m = static_cast<int>(cum_count(e.density, end) - before);
+    if (m == 0 || m > kWarpMax) continue;  // uniform across the warp
+    const RoundKeys rk = round_keys(e.key, b);
+    const int width = feistel_width(length);
+
+    slot[lane] = 0;
+    slot[lane + 32] = 0;
+    __syncwarp();
+    for (int j = lane; j < m; j += 32) {
+      const uint16_t y = static_cast<uint16_t>(permute(static_cast<uint32_t>(j), rk, width, length));
+      in[j] = y;
+      atomicAdd(&slot[y >> 10], 1);
+    }
+    __syncwarp();
+    // Exclusive scan of the 64 bucket sizes: lane l owns buckets 2l and 2l+1.
+    const int c0 = slot[2 * lane], c1 = slot[2 * lane + 1];
+    int sum = c0 + c1;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int up = __shfl_up_sync(0xFFFFFFFFu, sum, d);
+      if (lane >= d) sum += up;
+    }
+    const int begin0 = sum - c0 - c1, begin1 = begin0 + c0;
+    __syncwarp();
+    slot[2 * lane] = begin0;
+    slot[2 * lane + 1] = begin1;
+    __syncwarp();
+    for (int j = lane; j < m; j += 32) {
+      const uint16_t y = in[j];
+      out[atomicAdd(&slot[y >> 10], 1)] = y;
+    }
+    __syncwarp();
+    for (int k = 0; k < 2; ++k) {  // insertion sort of this lane's two buckets
+      const int lo = k ? begin1 : begin0, hi = lo + (k ? c1 : c0);
+      for (int i = lo + 1; i < hi; ++i) {
+        const uint16_t v = out[i];
+        int j = i - 1;
+        while (j >= lo && out[j] > v) {
+          out[j + 1] = out[j];
+          --j;
+        }
+        out[j + 1] = v;
+      }
+    }
+    __syncwarp();
+    const int64_t first = e.first_value + before;
+    for (int r = lane; r < m; r += 32) op(t, start + out[r], first + r);
+    __syncwarp();
+  }
+}
 
 template <typename Op>
 __global__ void __launch_bounds__(kThreads) seeded_kernel(const TensorEntry* entries, int n, int64_t blocks, Op op) {
@@ -41,7 +117,7 @@ __global__ void __launch_bounds__(kThreads) seeded_kernel(const TensorEntry* ent
     const int64_t length = end - start;
     const int64_t before = cum_count(e.density, start);
     const int64_t m = cum_count(e.density, end) - before;
-    if (m == 0) continue;  // uniform across the CTA
+    if (m <= kWarpMax) continue;  // sparse blocks belong to warp_kernel; uniform across the CTA
     const RoundKeys rk = round_keys(e.key, b);
     const int width = feistel_width(length);
     const int64_t first = e.first_value + before;
@@ -129,6 +205,7 @@ struct Table {
   at::Tensor buffer;
   int n = 0;
   int64_t blocks = 0, values = 0;
+  bool has_sparse = false, has_dense = false;  // blocks for warp_kernel / seeded_kernel
   const TensorEntry* entries() const { return reinterpret_cast<const TensorEntry*>(buffer.data_ptr()); }
   template <typename W>
   W* const* pointers() const {
@@ -147,14 +224,19 @@ Table make_table(at::IntArrayRef keys, at::IntArrayRef numels, at::ArrayRef<doub
     entries[i] = {static_cast<uint64_t>(keys[i]), numels[i], densities[i], table.blocks, table.values};
     table.blocks += (numels[i] + kBlock - 1) / kBlock;
     table.values += cum_count(densities[i], numels[i]);
+    // A full block holds floor(d * 2**16) elements, give or take one; a short block fewer. The
+    // margins only cost an idle launch; each kernel checks every block's own count.
+    const int64_t typical = cum_count(densities[i], kBlock);
+    table.has_sparse |= numels[i] > 0 && (typical - 2 <= kWarpMax || numels[i] % kBlock != 0);
+    table.has_dense |= numels[i] > 0 && typical + 2 > kWarpMax;
   }
   TORCH_CHECK(table.blocks < (int64_t(1) << 31), "too many blocks for one launch");
   const size_t bytes = entries.size() * sizeof(TensorEntry) + pointers.size() * sizeof(void*);
-  auto host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(host.data_ptr(), entries.data(), entries.size() * sizeof(TensorEntry));
   std::memcpy(static_cast<char*>(host.data_ptr()) + entries.size() * sizeof(TensorEntry), pointers.data(),
               pointers.size() * sizeof(void*));
-  table.buffer = host.to(device, /*non_blocking=*/true);
+  table.buffer = host.to(device);  // a few KiB
   return table;
 }
 
@@ -164,10 +246,17 @@ void launch(const Table& table, Op op) {
   int device, sms;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t grid = std::min<int64_t>(table.blocks, int64_t(sms) * 16);
-  seeded_kernel<<<static_cast<unsigned>(grid), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      table.entries(), table.n, table.blocks, op);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (table.has_sparse) {
+    const int64_t grid = std::min<int64_t>((table.blocks + kWarps - 1) / kWarps, int64_t(sms) * 16);
+    warp_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(table.entries(), table.n, table.blocks, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (table.has_dense) {
+    const int64_t grid = std::min<int64_t>(table.blocks, int64_t(sms) * 16);
+    seeded_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(table.entries(), table.n, table.blocks, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 std::vector<void*> weight_pointers(const at::TensorList& weights, std::vector<int64_t>* numels) {
