@@ -30,19 +30,27 @@ std::vector<TensorEntry> make_entries(at::IntArrayRef keys, at::IntArrayRef nume
   return entries;
 }
 
-// Sorts block offsets (< 2**16): two 8-bit counting passes, branch-free; `tmp` holds n entries.
-void sort_offsets(uint32_t* a, int64_t n, uint32_t* tmp) {
-  if (n < 48) {
-    std::sort(a, a + n);
-    return;
+// Sorts block offsets (< 2**16; n <= kSortMax) with `tmp` (n entries) and `count` (4097 entries):
+// bucket by the top bits, about two offsets a bucket, then insertion-sort within each bucket.
+// Linear in n; far cheaper than a comparison sort of random data at these sizes.
+void sort_offsets(uint32_t* a, int64_t n, uint32_t* tmp, int64_t* count) {
+  int bits = 4;
+  while (bits < 12 && (int64_t(1) << (bits + 1)) <= n) ++bits;
+  const int shift = 16 - bits, buckets = 1 << bits;
+  std::fill(count, count + buckets + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++count[(a[i] >> shift) + 1];
+  for (int d = 0; d < buckets; ++d) count[d + 1] += count[d];
+  for (int64_t i = 0; i < n; ++i) tmp[count[a[i] >> shift]++] = a[i];
+  for (int64_t i = 1; i < n; ++i) {  // buckets are in order: one insertion pass sorts within them
+    const uint32_t v = tmp[i];
+    int64_t j = i - 1;
+    while (j >= 0 && tmp[j] > v) {
+      tmp[j + 1] = tmp[j];
+      --j;
+    }
+    tmp[j + 1] = v;
   }
-  for (int shift = 0; shift < 16; shift += 8) {
-    int64_t count[257] = {0};
-    for (int64_t i = 0; i < n; ++i) ++count[((a[i] >> shift) & 255) + 1];
-    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
-    for (int64_t i = 0; i < n; ++i) tmp[count[(a[i] >> shift) & 255]++] = a[i];
-    std::copy(tmp, tmp + n, a);
-  }
+  std::copy(tmp, tmp + n, a);
 }
 
 // Runs f(k) for k in [0, n) on all cores when n is large enough to pay for them.
@@ -61,6 +69,7 @@ void for_each_element(const std::vector<TensorEntry>& entries, int64_t blocks, F
 #pragma omp parallel
   {
     std::vector<uint32_t> offsets, scratch(kSortMax);
+    std::vector<int64_t> count(4097);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t g = 0; g < blocks; ++g) {
       const int t = find_entry(entries.data(), static_cast<int>(entries.size()), g);
@@ -81,7 +90,7 @@ void for_each_element(const std::vector<TensorEntry>& entries, int64_t blocks, F
         } else {
           for (int64_t j = 0; j < m; ++j) o[j] = permute(static_cast<uint32_t>(j), rk, width, length);
         }
-        sort_offsets(o, m, scratch.data());
+        sort_offsets(o, m, scratch.data(), count.data());
       } else {
         for (int64_t x = 0; x < length; ++x)
           if (permute_inverse(static_cast<uint32_t>(x), rk, width, length) < m) offsets.push_back(static_cast<uint32_t>(x));

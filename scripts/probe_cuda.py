@@ -29,7 +29,9 @@ for d in (1e-4, 1e-3, 1e-2, 5e-2):
         b.synchronize()
         ts.append(a.elapsed_time(b))
     print(f"density {d:g}: {out.numel():,} indices in {statistics.median(ts):.3f} ms (events)")
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+with torch.profiler.profile(
+    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+) as prof:
     for _ in range(5):
         torch.ops.spra_tools.seeded_indices(*args)
     torch.cuda.synchronize()
