@@ -72,32 +72,26 @@ void for_each_element(const std::vector<TensorEntry>& entries, int64_t blocks, F
     std::vector<int64_t> count(4097);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t g = 0; g < blocks; ++g) {
-      const int t = find_entry(entries.data(), static_cast<int>(entries.size()), g);
-      const TensorEntry& e = entries[t];
-      const int64_t b = g - e.first_block;
-      const int64_t start = b * kBlock, end = std::min(start + kBlock, e.numel), length = end - start;
-      const int64_t before = cum_count(e.density, start);
-      const int64_t m = cum_count(e.density, end) - before;
+      const Block k = locate_block(entries.data(), static_cast<int>(entries.size()), g);
+      const int64_t m = k.count;
       if (m == 0) continue;
-      const RoundKeys rk = round_keys(e.key, b);
-      const int width = feistel_width(length);
       offsets.clear();
       if (m <= kSortMax) {
         offsets.resize(m);
         uint32_t* o = offsets.data();
-        if (length == kBlock) {  // no cycle walking: a loop the compiler vectorises
-          for (int64_t j = 0; j < m; ++j) o[j] = feistel(static_cast<uint32_t>(j), rk, kBlockBits);
+        if (k.length == kBlock) {  // no cycle walking: a loop the compiler vectorises
+          for (int64_t j = 0; j < m; ++j) o[j] = feistel(static_cast<uint32_t>(j), k.keys, kBlockBits);
         } else {
-          for (int64_t j = 0; j < m; ++j) o[j] = permute(static_cast<uint32_t>(j), rk, width, length);
+          for (int64_t j = 0; j < m; ++j) o[j] = permute(static_cast<uint32_t>(j), k.keys, k.width, k.length);
         }
         sort_offsets(o, m, scratch.data(), count.data());
       } else {
-        for (int64_t x = 0; x < length; ++x)
-          if (permute_inverse(static_cast<uint32_t>(x), rk, width, length) < m) offsets.push_back(static_cast<uint32_t>(x));
+        for (int64_t x = 0; x < k.length; ++x)
+          if (permute_inverse(static_cast<uint32_t>(x), k.keys, k.width, k.length) < m)
+            offsets.push_back(static_cast<uint32_t>(x));
       }
-      const int64_t first = e.first_value + before;
-      for (int64_t r = 0; r < m; ++r) touch(t, start + offsets[r]);
-      for (int64_t r = 0; r < m; ++r) f(t, start + offsets[r], first + r);
+      for (int64_t r = 0; r < m; ++r) touch(k.tensor, k.start + offsets[r]);
+      for (int64_t r = 0; r < m; ++r) f(k.tensor, k.start + offsets[r], k.first + r);
     }
   }
 }

@@ -43,23 +43,15 @@ __global__ void __launch_bounds__(kThreads) warp_kernel(const TensorEntry* entri
   int* slot = fill[warp];
 
   for (int64_t g = int64_t(blockIdx.x) * kWarps + warp; g < blocks; g += int64_t(gridDim.x) * kWarps) {
-    const int t = find_entry(entries, n, g);
-    const TensorEntry e = entries[t];
-    const int64_t b = g - e.first_block;
-    const int64_t start = b * kBlock;
-    const int64_t end = start + kBlock < e.numel ? start + kBlock : e.numel;
-    const int64_t length = end - start;
-    const int64_t before = cum_count(e.density, start);
-    const int m = static_cast<int>(cum_count(e.density, end) - before);
-    if (m == 0 || m > kWarpMax) continue;  // uniform across the warp
-    const RoundKeys rk = round_keys(e.key, b);
-    const int width = feistel_width(length);
+    const Block k = locate_block(entries, n, g);
+    if (k.count == 0 || k.count > kWarpMax) continue;  // uniform across the warp
+    const int m = static_cast<int>(k.count);
 
     slot[lane] = 0;
     slot[lane + 32] = 0;
     __syncwarp();
     for (int j = lane; j < m; j += 32) {
-      const uint16_t y = static_cast<uint16_t>(permute(static_cast<uint32_t>(j), rk, width, length));
+      const uint16_t y = static_cast<uint16_t>(permute(static_cast<uint32_t>(j), k.keys, k.width, k.length));
       in[j] = y;
       atomicAdd(&slot[y >> 10], 1);
     }
@@ -81,8 +73,8 @@ __global__ void __launch_bounds__(kThreads) warp_kernel(const TensorEntry* entri
       out[atomicAdd(&slot[y >> 10], 1)] = y;
     }
     __syncwarp();
-    for (int k = 0; k < 2; ++k) {  // insertion sort of this lane's two buckets
-      const int lo = k ? begin1 : begin0, hi = lo + (k ? c1 : c0);
+    for (int half = 0; half < 2; ++half) {  // insertion sort of this lane's two buckets
+      const int lo = half ? begin1 : begin0, hi = lo + (half ? c1 : c0);
       for (int i = lo + 1; i < hi; ++i) {
         const uint16_t v = out[i];
         int j = i - 1;
@@ -94,8 +86,7 @@ __global__ void __launch_bounds__(kThreads) warp_kernel(const TensorEntry* entri
       }
     }
     __syncwarp();
-    const int64_t first = e.first_value + before;
-    for (int r = lane; r < m; r += 32) op(t, start + out[r], first + r);
+    for (int r = lane; r < m; r += 32) op(k.tensor, k.start + out[r], k.first + r);
     __syncwarp();
   }
 }
@@ -109,24 +100,16 @@ __global__ void __launch_bounds__(kThreads) seeded_kernel(const TensorEntry* ent
   __shared__ typename Scan::TempStorage scan;
 
   for (int64_t g = blockIdx.x; g < blocks; g += gridDim.x) {
-    const int t = find_entry(entries, n, g);
-    const TensorEntry e = entries[t];
-    const int64_t b = g - e.first_block;
-    const int64_t start = b * kBlock;
-    const int64_t end = start + kBlock < e.numel ? start + kBlock : e.numel;
-    const int64_t length = end - start;
-    const int64_t before = cum_count(e.density, start);
-    const int64_t m = cum_count(e.density, end) - before;
+    const Block blk = locate_block(entries, n, g);
+    const int64_t m = blk.count;
     if (m <= kWarpMax) continue;  // sparse blocks belong to warp_kernel; uniform across the CTA
-    const RoundKeys rk = round_keys(e.key, b);
-    const int width = feistel_width(length);
-    const int64_t first = e.first_value + before;
 
     if (m <= kSortMax) {
       int p = 1;
       while (p < m) p <<= 1;
       for (int j = threadIdx.x; j < p; j += kThreads)
-        offsets[j] = j < m ? static_cast<uint16_t>(permute(static_cast<uint32_t>(j), rk, width, length)) : 0xFFFF;
+        offsets[j] = j < m ? static_cast<uint16_t>(permute(static_cast<uint32_t>(j), blk.keys, blk.width, blk.length))
+                           : 0xFFFF;
       __syncthreads();
       for (int k = 2; k <= p; k <<= 1) {  // bitonic sort of p entries
         for (int j = k >> 1; j > 0; j >>= 1) {
@@ -143,15 +126,16 @@ __global__ void __launch_bounds__(kThreads) seeded_kernel(const TensorEntry* ent
           __syncthreads();
         }
       }
-      for (int r = threadIdx.x; r < m; r += kThreads) op(t, start + offsets[r], first + r);
+      for (int r = threadIdx.x; r < m; r += kThreads) op(blk.tensor, blk.start + offsets[r], blk.first + r);
     } else {
       int64_t rank = 0;
-      for (int64_t x0 = 0; x0 < length; x0 += kThreads) {
+      for (int64_t x0 = 0; x0 < blk.length; x0 += kThreads) {
         const int64_t x = x0 + threadIdx.x;
-        const int member = x < length && permute_inverse(static_cast<uint32_t>(x), rk, width, length) < m;
+        const int member =
+            x < blk.length && permute_inverse(static_cast<uint32_t>(x), blk.keys, blk.width, blk.length) < m;
         int below, total;
         Scan(scan).ExclusiveSum(member, below, total);
-        if (member) op(t, start + x, first + rank + below);
+        if (member) op(blk.tensor, blk.start + x, blk.first + rank + below);
         rank += total;
         __syncthreads();
       }
