@@ -181,8 +181,10 @@ def test_opcheck(device):
     opcheck(torch.ops.spra_tools.restore, (w, idx, w.reshape(-1)[idx].clone()), test_utils=tests)
 
 
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 def test_cli_output_is_the_same_on_every_backend(device, tmp_path, monkeypatch):
+    """SPRA_BACKEND=reference, cpu and cuda: the same files and the same printed supports (the
+    CLI works on CPU tensors; a CUDA backend runs its kernels on copies)."""
     from click.testing import CliRunner
 
     from spra_tools.adapter import Adapter

@@ -11,6 +11,7 @@ fused multiply-add), the final cast round-to-nearest-even. With scale == 1 the p
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -45,14 +46,43 @@ def backend_for(device: torch.device | str, build: bool = True) -> str:
     status = extension.load(choice, build)
     if status != "ok":
         raise SpraError(f"SPRA_BACKEND={choice} is unavailable ({status})")
-    if choice != device_type:
-        raise SpraError(f"SPRA_BACKEND={choice} cannot serve tensors on {device_type}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SpraError("SPRA_BACKEND=cuda is unavailable (no CUDA device is visible)")
     return choice
 
 
 def _op(name: str, device) -> Callable:
-    """The kernel of op `name` for tensors on `device`: compiled through the dispatcher, or the reference."""
-    return DEFAULTS[name] if backend_for(device) == "reference" else getattr(torch.ops.spra_tools, name)
+    """The kernel of op `name` for tensors on `device`: the reference, the compiled kernel of that
+    device, or — when SPRA_BACKEND names another device — that device's kernel on copies."""
+    backend = backend_for(device)
+    if backend == "reference":
+        return DEFAULTS[name]
+    op = getattr(torch.ops.spra_tools, name)
+    if backend == torch.device(device).type:
+        return op
+    return functools.partial(_run_on, op, torch.device(backend), name in _MUTATING)
+
+
+_MUTATING = {"seeded_apply", "seeded_restore", "scatter_apply", "restore"}  # their first argument
+
+
+def _run_on(op, device: torch.device, mutates: bool, *args):
+    """Run `op` with its tensors copied to `device`; copy a mutated first argument (the weights) back."""
+
+    def move(a):
+        if isinstance(a, torch.Tensor):
+            return a.to(device)
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return [t.to(device) for t in a]
+        return a
+
+    moved = [move(a) for a in args]
+    result = op(*moved)
+    weights, copies = (args[0], moved[0]) if isinstance(args[0], list) else ([args[0]], [moved[0]])
+    if mutates:
+        for w, c in zip(weights, copies):
+            w.copy_(c)
+    return result.to(weights[0].device) if isinstance(result, torch.Tensor) else result
 
 
 def support_indices(support: Support, device: torch.device | str = "cpu") -> torch.Tensor:
