@@ -19,6 +19,11 @@ _LAZY = {
     "apply_adapter": "surgery",
     "diff_checkpoints": "algebra",
     "SpraError": "errors",
+    "attach": "live",
+    "attached": "live",
+    "swap": "live",
+    "load_model": "live",
+    "Handle": "live",
 }
 
 

@@ -90,7 +90,7 @@ class TensorDelta:
             recorded = next(iter(self.fingerprint))
             base_values = base_values.to(TORCH_DTYPES[recorded])
             name = recorded
-        if fmt.fingerprint(raw_bits(base_values)) != self.fingerprint[name]:
+        if ops.fingerprint(base_values) != self.fingerprint[name]:
             return "values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)"
         return None
 

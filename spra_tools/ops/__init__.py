@@ -166,3 +166,20 @@ def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
         raise ValueError("weight must be contiguous")
     if indices.dtype != torch.int64 or values.shape != indices.shape:
         raise ValueError(f"need int64 indices and values of the same length, got {indices.shape} and {values.shape}")
+
+
+def fingerprint(values: torch.Tensor) -> str:
+    """format.fingerprint of float values (their raw bits, in order), computed where they live."""
+    if values.device.type == "cpu":
+        from ..adapter import raw_bits
+        from ..format import fingerprint as numpy_fingerprint
+
+        return numpy_fingerprint(raw_bits(values))
+    from ..support import _GOLDEN
+    from .reference import _mix64, _s64
+
+    width = values.element_size() * 8
+    bits = values.contiguous().view(torch.int32 if width == 32 else torch.int16).to(torch.int64) & ((1 << width) - 1)
+    k = torch.arange(1, bits.numel() + 1, device=values.device, dtype=torch.int64)
+    total = int(_mix64(bits + k * _s64(_GOLDEN)).sum())  # int64 sums wrap: exact mod 2**64
+    return f"{total & ((1 << 64) - 1):016x}"

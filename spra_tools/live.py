@@ -1,0 +1,247 @@
+"""Adapters on a loaded model: attach, detach and swap in place, bit-exactly, on any device.
+
+    h = spra_tools.attach(model, "task.spra")      # verify fingerprints, apply in place
+    h.detach()                                     # the base weights, bit for bit
+    with spra_tools.attached(model, "task.spra"): ...
+    h = spra_tools.swap(h, "other.spra")
+
+Attach groups the adapter's tensors by (device, weight dtype, values dtype) and applies each
+group in one kernel launch (seeded supports are regenerated on the device, never stored), keeping
+the overwritten originals for an exact restore. Models split over devices (`device_map`) simply
+give several groups. Tied weights are one parameter under two names: it is adapted once.
+
+Several adapters may be attached at once; they act in attach order. Detaching any of them
+restores the adapters attached after it, restores it, and re-applies the later ones in order, so
+the model always equals "base + the remaining adapters applied in attach order", bit for bit,
+whatever the detach order. Fingerprints are checked against the base values: where an earlier
+attached adapter changed an element, its saved original stands in for the current value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .adapter import Adapter
+from .errors import MismatchError, SpraError
+from .support import SeededSupport
+
+
+@dataclass
+class _Group:
+    """Tensors of one device, weight dtype and values dtype, applied together."""
+
+    names: list[str]
+    weights: list[torch.Tensor]
+    supports: list
+    values: torch.Tensor  # flat, on the group's device
+    originals: torch.Tensor | None = None  # flat, set while attached
+    seeded: bool = True
+
+
+@dataclass
+class Handle:
+    """An adapter attached to a model; `detach()` puts the model back exactly."""
+
+    model: torch.nn.Module
+    adapter: Adapter
+    scale: float
+    groups: list[_Group]
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # param, new value
+    _dense_originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    attached: bool = False
+
+    def detach(self) -> None:
+        """Remove this adapter; later-attached adapters are re-applied on top (module docstring)."""
+        stack = _stack(self.model)
+        if not self.attached or self not in stack:
+            raise SpraError("this adapter is not attached")
+        later = stack[stack.index(self) + 1 :]
+        for h in reversed(later):
+            h._restore()
+        self._restore()
+        stack.remove(self)
+        for h in later:
+            h._apply()
+
+    def _apply(self) -> None:
+        with torch.no_grad():
+            for g in self.groups:
+                if g.seeded:
+                    g.originals = ops.apply_seeded(g.weights, g.supports, g.values, self.scale)
+                else:
+                    parts, offset = [], 0
+                    for w, s in zip(g.weights, g.supports):
+                        idx = ops.support_indices(s, w.device)
+                        parts.append(ops.gather(w, idx))
+                        ops.scatter_apply(w, idx, g.values[offset : offset + s.count], self.scale)
+                        offset += s.count
+                    g.originals = torch.cat(parts) if parts else g.values.new_empty(0)
+            for name, (param, value) in self.dense.items():
+                self._dense_originals[name] = param.detach().clone()
+                param.data.copy_(value)
+        self.attached = True
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for g in self.groups:
+                if g.seeded:
+                    ops.restore_seeded(g.weights, g.supports, g.originals)
+                else:
+                    offset = 0
+                    for w, s in zip(g.weights, g.supports):
+                        ops.restore(w, ops.support_indices(s, w.device), g.originals[offset : offset + s.count])
+                        offset += s.count
+                g.originals = None
+            for name, (param, _) in self.dense.items():
+                param.data.copy_(self._dense_originals.pop(name))
+        self.attached = False
+
+
+def _stack(model: torch.nn.Module) -> list[Handle]:
+    if not hasattr(model, "_spra_handles"):
+        model._spra_handles = []
+    return model._spra_handles
+
+
+def _load(adapter_or_path) -> Adapter:
+    if isinstance(adapter_or_path, Adapter):
+        return adapter_or_path
+    if isinstance(adapter_or_path, (str, os.PathLike)):
+        return Adapter.load(adapter_or_path, allow_nonfinite=False)
+    raise TypeError(f"expected an Adapter or a path, got {type(adapter_or_path).__name__}")
+
+
+def _prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Handle:
+    """Resolve parameters, verify fingerprints against the base values, stage values on the devices."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    groups: dict[tuple, _Group] = {}
+    seen: set[int] = set()
+    for name, delta in adapter.deltas.items():
+        param = params.get(name)
+        if param is None:
+            raise MismatchError(f"tensor {name!r}: not a parameter of this model; is this the adapter's base?", where)
+        if id(param) in seen:  # a tied weight already adapted under its other name
+            continue
+        seen.add(id(param))
+        w = param.data
+        if tuple(w.shape) != delta.shape or not w.is_contiguous():
+            raise MismatchError(
+                f"tensor {name!r}: shape {tuple(w.shape)} in the model, {delta.shape} in the adapter", where
+            )
+        seeded = isinstance(delta.support, SeededSupport)
+        key = (w.device, w.dtype, delta.values.dtype, seeded)
+        g = groups.setdefault(key, _Group([], [], [], torch.empty(0), seeded=seeded))
+        g.names.append(name)
+        g.weights.append(w)
+        g.supports.append(delta.support)
+    dense = {}
+    for name, value in adapter.dense.items():
+        param = params.get(name)
+        if param is None or tuple(param.shape) != tuple(value.shape):
+            raise MismatchError(f"dense tensor {name!r}: no parameter of that name and shape in the model", where)
+        dense[name] = (param, value.to(param.device, param.dtype))
+    for (device, _, _, _), g in groups.items():
+        g.values = torch.cat([adapter.deltas[n].values for n in g.names]).to(device)
+        _verify(model, adapter, g, where)
+    return Handle(model, adapter, scale, list(groups.values()), dense)
+
+
+def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
+    current = ops.gather_seeded(g.weights, g.supports) if g.seeded else None
+    offset = 0
+    for name, w, s in zip(g.names, g.weights, g.supports):
+        if current is not None:
+            values = current[offset : offset + s.count]
+        else:
+            values = ops.gather(w, ops.support_indices(s, w.device))
+        offset += s.count
+        if _stack(model):
+            values = _base_values(model, w, ops.support_indices(s, w.device), values)
+        why = adapter.deltas[name].mismatch(w, values, strict_dtype=False)
+        if why:
+            raise MismatchError(f"tensor {name!r}: {why}", where)
+
+
+def _base_values(model, weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` (the weight at `idx`) with elements changed by attached adapters put back to the base."""
+    stack = _stack(model)
+    values = values.clone()
+    restored = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    for h in stack:  # earliest first: its original is the base value
+        for g in h.groups:
+            offset = 0
+            for w, s in zip(g.weights, g.supports):
+                if w.data_ptr() == weight.data_ptr():
+                    other = ops.support_indices(s, w.device)
+                    pos = torch.searchsorted(other, idx).clamp_(max=max(other.numel() - 1, 0))
+                    hit = (other.numel() > 0) & (other[pos] == idx) & ~restored
+                    if bool(hit.any()):
+                        values[hit] = g.originals[offset + pos[hit]]
+                        restored |= hit
+                offset += s.count
+    return values
+
+
+def attach(model: torch.nn.Module, adapter_or_path, scale: float = 1.0) -> Handle:
+    """Verify `adapter` against `model`'s weights, apply it in place, and return its handle.
+
+    A wrong base is refused (MismatchError) before any weight changes.
+    """
+    adapter = _load(adapter_or_path)
+    where = adapter_or_path if not isinstance(adapter_or_path, Adapter) else None
+    handle = _prepare(model, adapter, float(scale), where)
+    handle._apply()
+    _stack(model).append(handle)
+    return handle
+
+
+def swap(handle: Handle, adapter_or_path, scale: float | None = None) -> Handle:
+    """Replace an attached adapter by another; the new one is verified before anything changes."""
+    adapter = _load(adapter_or_path)
+    where = adapter_or_path if not isinstance(adapter_or_path, Adapter) else None
+    model = handle.model
+    # Verify against the base as it will be once `handle` is gone: its originals stand in.
+    new = _prepare(model, adapter, float(handle.scale if scale is None else scale), where)
+    handle.detach()
+    new._apply()
+    _stack(model).append(new)
+    return new
+
+
+@contextlib.contextmanager
+def attached(model: torch.nn.Module, adapter_or_path, scale: float = 1.0):
+    """Attach for the duration of a `with` block; detach (exactly) on the way out, errors included."""
+    handle = attach(model, adapter_or_path, scale)
+    try:
+        yield handle
+    finally:
+        if handle.attached:
+            handle.detach()
+
+
+def load_model(base: str | os.PathLike, adapter_or_path, scale: float = 1.0, **from_pretrained_kwargs):
+    """Load `base` with transformers and attach the adapter: the model a transformers user expects.
+
+    The Auto class follows the adapter's task (`task.type == "seq-cls"` -> sequence classification,
+    with its labels; otherwise causal LM). The handle is kept as `model.spra_handle`.
+    """
+    import transformers
+
+    adapter = _load(adapter_or_path)
+    task = adapter.task or {}
+    if task.get("type") == "seq-cls":
+        labels = task.get("id2label") or {}
+        if labels:
+            from_pretrained_kwargs.setdefault("id2label", {int(k): v for k, v in labels.items()})
+            from_pretrained_kwargs.setdefault("label2id", {v: int(k) for k, v in labels.items()})
+        auto = transformers.AutoModelForSequenceClassification
+    else:
+        auto = transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(base, **from_pretrained_kwargs)
+    model.spra_handle = attach(model, adapter, scale)
+    return model

@@ -1,0 +1,172 @@
+"""Live adapters on transformers models: attach equals the file apply, detach is the base bit for bit.
+
+The reference for "attached" is the checkpoint `apply` writes, loaded by transformers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import spra_tools
+from spra_tools.adapter import Adapter
+from spra_tools.algebra import diff_checkpoints
+from spra_tools.checkpoint import open_checkpoint
+from spra_tools.demo import build_tiny_model
+from spra_tools.errors import MismatchError
+from spra_tools.surgery import apply_adapter, create_adapter
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _same(model, snapshot) -> bool:
+    return all(torch.equal(_bits(p), _bits(snapshot[n])) for n, p in model.named_parameters())
+
+
+def _adapter(base_dir, seed, density=0.05, targets=("all-linear",), values_seed=0) -> Adapter:
+    a = create_adapter(open_checkpoint(base_dir), density, seed, targets)
+    gen = torch.Generator().manual_seed(values_seed)
+    for d in a.deltas.values():
+        d.values = (torch.randn(d.count, generator=gen) * 0.05).to(torch.bfloat16)
+    return a
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    build_tiny_model("llama", root / "base", torch.bfloat16, "100KB")
+    a, b = _adapter(root / "base", 1), _adapter(root / "base", 2, values_seed=1)
+    a.save(root / "a.spra")
+    b.save(root / "b.spra")
+    return root
+
+
+def _model(root, dtype=torch.bfloat16):
+    return transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=dtype)
+
+
+def test_attach_equals_the_file_apply_and_detach_restores(llama):
+    apply_adapter(
+        open_checkpoint(llama / "base"), [("a", Adapter.load(llama / "a.spra"))], llama / "merged", overwrite=True
+    )
+    merged = _snapshot(transformers.AutoModelForCausalLM.from_pretrained(llama / "merged", dtype=torch.bfloat16))
+    model = _model(llama)
+    base = _snapshot(model)
+    h = spra_tools.attach(model, llama / "a.spra")
+    assert _same(model, merged)
+    h.detach()
+    assert _same(model, base)
+    with spra_tools.attached(model, llama / "a.spra"):
+        assert _same(model, merged)
+    assert _same(model, base)
+
+
+def test_wrong_base_is_refused_before_anything_changes(llama, tmp_path):
+    build_tiny_model("llama", tmp_path / "other", torch.bfloat16, seed=7)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "other", dtype=torch.bfloat16)
+    before = _snapshot(model)
+    with pytest.raises(MismatchError, match="fingerprint"):
+        spra_tools.attach(model, llama / "a.spra")
+    assert _same(model, before) and not getattr(model, "_spra_handles", [])
+
+
+def test_many_swaps_leave_the_base_exact(llama):
+    model = _model(llama)
+    base = _snapshot(model)
+    a, b = Adapter.load(llama / "a.spra"), Adapter.load(llama / "b.spra")
+    h = spra_tools.attach(model, a)
+    for i in range(100):
+        h = spra_tools.swap(h, b if i % 2 == 0 else a)
+    h.detach()
+    assert _same(model, base)
+
+
+def test_several_adapters_detach_in_any_order(llama):
+    """Overlapping supports (density 0.3): the model is always base + the rest in attach order."""
+    root = llama
+    adapters = [_adapter(root / "base", s, density=0.3, values_seed=s) for s in (11, 12, 13)]
+
+    def reference(kept):
+        m = _model(root)
+        for a in kept:
+            spra_tools.attach(m, a)
+        return _snapshot(m)
+
+    for order in [(1, 0, 2), (2, 1, 0), (0, 2, 1)]:
+        model = _model(root)
+        base = _snapshot(model)
+        handles = [spra_tools.attach(model, a) for a in adapters]
+        remaining = [0, 1, 2]
+        for i in order:
+            handles[i].detach()
+            remaining.remove(i)
+            assert _same(model, reference([adapters[j] for j in remaining])), (order, i)
+        assert _same(model, base)
+
+
+def test_model_held_in_fp32_accepts_a_bf16_adapter(llama):
+    model = _model(llama, torch.float32)
+    base = _snapshot(model)
+    h = spra_tools.attach(model, llama / "a.spra")
+    assert not _same(model, base)
+    h.detach()
+    assert _same(model, base)
+
+
+def test_explicit_adapter_from_diff(llama, tmp_path):
+    apply_adapter(open_checkpoint(llama / "base"), [("a", Adapter.load(llama / "a.spra"))], tmp_path / "tuned")
+    extracted, _ = diff_checkpoints(open_checkpoint(llama / "base"), open_checkpoint(tmp_path / "tuned"))
+    model = _model(llama)
+    base = _snapshot(model)
+    tuned = _snapshot(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned", dtype=torch.bfloat16))
+    h = spra_tools.attach(model, extracted)
+    assert _same(model, tuned)
+    h.detach()
+    assert _same(model, base)
+
+
+def test_tied_weights_are_adapted_once(tmp_path):
+    model0 = build_tiny_model("gpt2", tmp_path / "gpt2", torch.float32)
+    assert model0.lm_head.weight is model0.transformer.wte.weight
+    a = _adapter(tmp_path / "gpt2", 3, density=0.2, targets=("all",))
+    assert "transformer.wte.weight" in a.deltas
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32)
+    base = _snapshot(model)
+    h = spra_tools.attach(model, a)
+    apply_adapter(open_checkpoint(tmp_path / "gpt2"), [("a", a)], tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert _same(model, _snapshot(merged))
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    h.detach()
+    assert _same(model, base)
+
+
+def test_mixed_dtypes_and_devices_form_groups(llama):
+    model = _model(llama)
+    model.model.layers[1].to(torch.float32)  # two weight dtypes: two groups, still exact
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        model.model.layers[0].to("cuda")  # a device_map-style split across devices
+        devices.append("cuda")
+    base = _snapshot(model)
+    h = spra_tools.attach(model, llama / "a.spra")
+    assert len(h.groups) >= 2
+    h.detach()
+    assert _same(model, base)
+
+
+def test_load_model_attaches(llama):
+    model = spra_tools.load_model(llama / "base", llama / "a.spra", dtype=torch.bfloat16)
+    apply_adapter(
+        open_checkpoint(llama / "base"), [("a", Adapter.load(llama / "a.spra"))], llama / "merged2", overwrite=True
+    )
+    merged = transformers.AutoModelForCausalLM.from_pretrained(llama / "merged2", dtype=torch.bfloat16)
+    assert _same(model, _snapshot(merged))
+    assert model.spra_handle.attached
