@@ -252,6 +252,65 @@ def apply(ctx, base, adapters, out, scale, revision, overwrite, allow_nonfinite)
 
 
 @cli.command()
+@click.argument("adapter")
+@click.option("-o", "--output", "out", required=True, help="The directory to write.")
+@click.option("--base", metavar="HUB_ID", help="Base model id for the card (default: the adapter's recorded base).")
+@click.option("--license", "license_", metavar="ID", help="License id for the card's front matter (e.g. apache-2.0).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def export(ctx, adapter, out, base, license_, overwrite):
+    """Write a shareable directory: the .spra file, adapter_config.json and a README.md model card.
+
+    \b
+    Example:  spra-tools export task.spra -o task-adapter/ --base meta-llama/Llama-3.2-1B
+    """
+    from .share import export_adapter
+
+    export_adapter(adapter, out, base, overwrite, license_)
+    _say(ctx, f"wrote {out}: {os.path.basename(adapter)}, adapter_config.json, README.md")
+
+
+@cli.command()
+@click.argument("adapter_or_dir")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch (created from main if missing).")
+@click.option("--base", metavar="HUB_ID", help="Base model id for the card, when pushing a .spra file.")
+@click.pass_context
+def push(ctx, adapter_or_dir, repo_id, private, revision, base):
+    """Upload an adapter (a .spra file, exported on the fly, or an export directory) to the Hub.
+
+    The token is huggingface_hub's: HF_TOKEN, else `huggingface-cli login`.
+
+    \b
+    Example:  spra-tools push task.spra acme/llama-task-spra --base meta-llama/Llama-3.2-1B
+    """
+    from .share import push as push_adapter
+
+    url = push_adapter(adapter_or_dir, repo_id, private=private, revision=revision, base=base, progress=_progress(ctx))
+    _say(ctx, f"pushed {adapter_or_dir} to {repo_id}{f'@{revision}' if revision else ''}: {url}")
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("-o", "--output", "out", required=True, help="The directory to write.")
+@click.option("--revision", help="Branch, tag or commit to download.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def pull(ctx, repo_id, out, revision, overwrite):
+    """Download an adapter repository from the Hub; OUT appears only if its .spra file reads.
+
+    \b
+    Example:  spra-tools pull acme/llama-task-spra -o task-adapter/
+    """
+    from .share import pull as pull_adapter
+
+    path = pull_adapter(repo_id, out, revision=revision, overwrite=overwrite, progress=_progress(ctx))
+    spra = next(path.glob("*.spra"))
+    _say(ctx, f"wrote {out}: {spra.name} ({_human(spra.stat().st_size)}) from {repo_id}")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def env(as_json):
     """Versions, devices, and the status of the compiled extension."""

@@ -37,6 +37,10 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, directory: boo
     target = tmp if directory else tmp / path.name
     try:
         yield target
+        if directory:  # mkdtemp made it private to its owner; an output gets the usual mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(target, 0o777 & ~umask)
         _replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
