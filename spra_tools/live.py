@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .adapter import Adapter
+from .adapter import TORCH_DTYPES, Adapter, dtype_name
 from .errors import MismatchError, SpraError
 from .support import SeededSupport
 
@@ -152,38 +152,59 @@ def _prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> H
 
 
 def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
-    current = ops.gather_seeded(g.weights, g.supports) if g.seeded else None
-    offset = 0
-    for name, w, s in zip(g.names, g.weights, g.supports):
-        if current is not None:
-            values = current[offset : offset + s.count]
-        else:
-            values = ops.gather(w, ops.support_indices(s, w.device))
-        offset += s.count
-        if _stack(model):
-            values = _base_values(model, w, ops.support_indices(s, w.device), values)
-        why = adapter.deltas[name].mismatch(w, values, strict_dtype=False)
-        if why:
-            raise MismatchError(f"tensor {name!r}: {why}", where)
+    """Fingerprints of the group's base values, in one pass (module docstring: what "base" means)."""
+    if g.seeded:
+        values = ops.gather_seeded(g.weights, g.supports)
+    else:
+        values = torch.cat([ops.gather(w, ops.support_indices(s, w.device)) for w, s in zip(g.weights, g.supports)])
+    if _stack(model):
+        values = _base_values(model, g, values)
+    recorded = [adapter.deltas[n].fingerprint for n in g.names]
+    key = dtype_name(values.dtype)
+    if not all(key in fp for fp in recorded):
+        # A model held in another precision than the recorded base: compare in the recorded one.
+        key = next(iter(recorded[0]))
+        values = values.to(TORCH_DTYPES[key])
+    got = ops.fingerprint_many(values, [s.count for s in g.supports])
+    for name, fp, h in zip(g.names, recorded, got):
+        if fp.get(key) != h:
+            raise MismatchError(
+                f"tensor {name!r}: values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)",
+                where,
+            )
 
 
-def _base_values(model, weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`values` (the weight at `idx`) with elements changed by attached adapters put back to the base."""
-    stack = _stack(model)
+def _addresses(weights: list[torch.Tensor], supports: list, device) -> torch.Tensor:
+    """Memory address of every support element: identifies an element across tensors and names."""
+    idx = ops.indices_many(supports, device)
+    ptrs = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64, device=device)
+    counts = torch.tensor([s.count for s in supports], dtype=torch.int64, device=device)
+    return torch.repeat_interleave(ptrs, counts, output_size=idx.numel()) + idx * weights[0].element_size()
+
+
+def _base_values(model, g: _Group, values: torch.Tensor) -> torch.Tensor:
+    """`values` (the group's weights at its supports) with elements that attached adapters changed put
+    back to the base: the earliest such adapter's saved original is the base value."""
+    device = values.device
+    mine = _addresses(g.weights, g.supports, device)
+    ours = {w.data_ptr() for w in g.weights}
     values = values.clone()
-    restored = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
-    for h in stack:  # earliest first: its original is the base value
-        for g in h.groups:
-            offset = 0
-            for w, s in zip(g.weights, g.supports):
-                if w.data_ptr() == weight.data_ptr():
-                    other = ops.support_indices(s, w.device)
-                    pos = torch.searchsorted(other, idx).clamp_(max=max(other.numel() - 1, 0))
-                    hit = (other.numel() > 0) & (other[pos] == idx) & ~restored
-                    if bool(hit.any()):
-                        values[hit] = g.originals[offset + pos[hit]]
-                        restored |= hit
-                offset += s.count
+    restored = torch.zeros(values.numel(), dtype=torch.bool, device=device)
+    for h in _stack(model):  # earliest first
+        for other in h.groups:
+            if (
+                other.originals is None
+                or not ours & {w.data_ptr() for w in other.weights}
+                or not other.originals.numel()
+            ):
+                continue
+            theirs = _addresses(other.weights, other.supports, device)
+            order = torch.argsort(theirs)
+            sorted_theirs = theirs[order]
+            pos = torch.searchsorted(sorted_theirs, mine).clamp_(max=sorted_theirs.numel() - 1)
+            hit = (sorted_theirs[pos] == mine) & ~restored
+            values[hit] = other.originals[order[pos[hit]]].to(values.dtype)
+            restored |= hit
     return values
 
 

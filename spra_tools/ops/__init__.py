@@ -15,6 +15,7 @@ import functools
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..errors import SpraError
@@ -168,18 +169,47 @@ def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
         raise ValueError(f"need int64 indices and values of the same length, got {indices.shape} and {values.shape}")
 
 
+def indices_many(supports: list[Support], device: torch.device | str) -> torch.Tensor:
+    """The supports' flat indices concatenated (seeded ones regenerated in one launch)."""
+    if supports and all(isinstance(s, SeededSupport) for s in supports):
+        if backend_for(device) == "reference" and torch.device(device).type == "cpu":
+            return torch.from_numpy(np.concatenate([s.indices() for s in supports]))
+        keys = [_key(s) for s in supports]
+        return _op("seeded_indices", device)(
+            torch.empty(0, device=device), keys, [s.numel for s in supports], [float(s.density) for s in supports]
+        )
+    parts = [support_indices(s, device) for s in supports]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=device)
+
+
 def fingerprint(values: torch.Tensor) -> str:
     """format.fingerprint of float values (their raw bits, in order), computed where they live."""
+    return fingerprint_many(values, [values.numel()])[0]
+
+
+def fingerprint_many(values: torch.Tensor, counts: list[int]) -> list[str]:
+    """fingerprint() of each consecutive segment of `values` (lengths `counts`), in one pass."""
     if values.device.type == "cpu":
         from ..adapter import raw_bits
         from ..format import fingerprint as numpy_fingerprint
 
-        return numpy_fingerprint(raw_bits(values))
+        bits, out, offset = raw_bits(values), [], 0
+        for c in counts:
+            out.append(numpy_fingerprint(bits[offset : offset + c]))
+            offset += c
+        return out
+    return _fingerprint_many_torch(values, counts)
+
+
+def _fingerprint_many_torch(values: torch.Tensor, counts: list[int]) -> list[str]:
     from ..support import _GOLDEN
     from .reference import _mix64, _s64
 
+    device, n = values.device, len(counts)
     width = values.element_size() * 8
     bits = values.contiguous().view(torch.int32 if width == 32 else torch.int16).to(torch.int64) & ((1 << width) - 1)
-    k = torch.arange(1, bits.numel() + 1, device=values.device, dtype=torch.int64)
-    total = int(_mix64(bits + k * _s64(_GOLDEN)).sum())  # int64 sums wrap: exact mod 2**64
-    return f"{total & ((1 << 64) - 1):016x}"
+    sizes = torch.tensor(counts, dtype=torch.int64, device=device)
+    owner = torch.repeat_interleave(torch.arange(n, device=device), sizes, output_size=values.numel())
+    k = torch.arange(1, values.numel() + 1, device=device) - (torch.cumsum(sizes, 0) - sizes)[owner]
+    sums = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, owner, _mix64(bits + k * _s64(_GOLDEN)))
+    return [f"{s & ((1 << 64) - 1):016x}" for s in sums.tolist()]  # int64 sums wrap: exact mod 2**64
