@@ -24,6 +24,11 @@ from spra_tools.adapter import Adapter, TensorDelta, fingerprints
 from spra_tools.support import SeededSupport
 from spra_tools.targets import select
 
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000)  # fmt: skip
+
 
 def timed(fn, repeat: int) -> float:
     fn()
@@ -58,25 +63,7 @@ def main():
     ap.add_argument("--swaps", type=int, default=1000)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.tiny:
-        shape = dict(
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=1000,
-        )
-    else:
-        shape = dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-        )
-    config = transformers.LlamaConfig(**shape)
+    config = transformers.LlamaConfig(**(TINY if args.tiny else LLAMA_8B))
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)

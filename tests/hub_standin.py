@@ -196,23 +196,30 @@ def _handler(hub: HubStandin):
                     errors.append({"message": f"invalid YAML: {e}"})
             self._json(400 if errors else 200, {"errors": errors, "warnings": []})
 
-        def _repo_info(self, repo_id, revision, auth):
+        def _revision(self, repo_id, revision, auth):
+            """(repo, commit oid) for a readable repo and an existing revision; else answers the error."""
             repo = self._repo(repo_id, auth)
             if repo is None:
-                return
+                return None
             oid = repo.resolve(revision)
             if oid is None:
-                return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+                self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+                return None
+            return repo, oid
+
+        def _repo_info(self, repo_id, revision, auth):
+            found = self._revision(repo_id, revision, auth)
+            if found is None:
+                return
+            repo, oid = found
             siblings = [{"rfilename": p} for p in sorted(repo.commits[oid])]
             self._json(200, {"id": repo_id, "sha": oid, "private": repo.private, "siblings": siblings})
 
         def _tree(self, repo_id, revision, prefix, auth):
-            repo = self._repo(repo_id, auth)
-            if repo is None:
+            found = self._revision(repo_id, revision, auth)
+            if found is None:
                 return
-            oid = repo.resolve(revision)
-            if oid is None:
-                return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            repo, oid = found
             entries = [
                 {"type": "file", "path": p, "size": len(data), "oid": git_blob_oid(data)}
                 for p, data in sorted(repo.commits[oid].items())
@@ -276,12 +283,10 @@ def _handler(hub: HubStandin):
             self._json(200, {})
 
         def _resolve(self, repo_id, revision, path, auth, head):
-            repo = self._repo(repo_id, auth)
-            if repo is None:
+            found = self._revision(repo_id, revision, auth)
+            if found is None:
                 return
-            oid = repo.resolve(revision)
-            if oid is None:
-                return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            repo, oid = found
             data = repo.commits[oid].get(path)
             if data is None:
                 return self._error(404, "Entry not found", "EntryNotFound")
