@@ -23,12 +23,13 @@ import torch
 from . import format as fmt
 from .errors import FormatError, SpraError
 from .fsutil import atomic_path
+from .hub import REPO_ID, hub_errors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Weight files of other formats are not copied: they would disagree with the written weights.
 _SKIP = re.compile(r"(\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|tflite)|\.index\.json)$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_HUB_ID = re.compile(rf"^{REPO_ID}(@[\w./-]+)?$")  # org/name[@revision]
 
 TORCH_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -132,9 +133,8 @@ def _read_index(path: Path) -> dict:
 
 def _download(repo: str, revision: str | None) -> Path:
     import huggingface_hub as hf
-    from huggingface_hub import errors
 
-    try:
+    with hub_errors(repo, revision, offline="not in the local cache and HF_HUB_OFFLINE is set"):
         return Path(
             hf.snapshot_download(
                 repo,
@@ -142,17 +142,6 @@ def _download(repo: str, revision: str | None) -> Path:
                 ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx"],
             )
         )
-    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError):
-        why = "HF_HUB_OFFLINE is set" if hf.constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise SpraError(f"not in the local cache and {why}", repo) from None
-    except errors.RepositoryNotFoundError:
-        raise SpraError("no such repository on the Hub (or no access: check your token)", repo) from None
-    except errors.RevisionNotFoundError:
-        raise SpraError(f"no revision {revision!r} on the Hub", repo) from None
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise SpraError(
-            f"download failed ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})", repo
-        ) from None
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -22,13 +22,14 @@ from . import format as fmt
 from .adapter import Adapter
 from .errors import SpraError
 from .fsutil import atomic_path
+from .hub import REPO_ID, hub_errors
 from .support import SeededSupport
 
 CONFIG = "adapter_config.json"
 CARD = "README.md"
 TAGS = ["spra-tools", "sparta", "sparse-adapter", "peft"]
-# A Hub model id (`org/name`); anything else (a local path) is not a `base_model` the Hub can link.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
+# Anything but a Hub model id (a local path, say) is not a `base_model` the Hub can link.
+_HUB_ID = re.compile(REPO_ID)
 
 
 def adapter_config(adapter: Adapter, file_name: str, base: str | None = None) -> dict:
@@ -168,7 +169,7 @@ def push(
         else:
             folder = export_adapter(source, Path(tmp) / "export", base)
         api = hf.HfApi(endpoint=endpoint, token=token)
-        with _hub_errors(repo_id, revision, endpoint), _progress_bars(progress):
+        with hub_errors(repo_id, revision, endpoint), _progress_bars(progress):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -195,7 +196,7 @@ def pull(
     import huggingface_hub as hf
 
     with atomic_path(out_dir, overwrite, directory=True) as tmp:
-        with _hub_errors(repo_id, revision, endpoint), _progress_bars(progress):
+        with hub_errors(repo_id, revision, endpoint), _progress_bars(progress):
             hf.snapshot_download(repo_id, revision=revision, token=token, local_dir=tmp, endpoint=endpoint)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
         spra = _single_spra(tmp, repo_id)
@@ -227,64 +228,3 @@ def _single_spra(folder: Path, where: str) -> Path:
         what = "no .spra file" if not found else f"{len(found)} .spra files ({', '.join(p.name for p in found)})"
         raise SpraError(f"expected exactly one .spra file, found {what}", where)
     return found[0]
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level failures of whichever HTTP client this huggingface_hub uses."""
-    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
-        try:
-            kinds.append(getattr(__import__(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(kinds)
-
-
-class _hub_errors:
-    """Turn any huggingface_hub failure into one SpraError line naming the repository."""
-
-    def __init__(self, repo_id: str, revision: str | None, endpoint: str | None):
-        self.repo_id, self.revision, self.endpoint = repo_id, revision, endpoint
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if e is None or isinstance(e, SpraError) or not isinstance(e, Exception):
-            return False
-        raise SpraError(self._message(e), self.repo_id) from None
-
-    def _message(self, e: Exception) -> str:
-        from huggingface_hub import constants, errors
-
-        offline = errors.OfflineModeIsEnabled
-        if (
-            isinstance(e, offline)
-            or isinstance(e.__cause__, offline)
-            or (isinstance(e, errors.LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE)
-        ):
-            return "HF_HUB_OFFLINE is set, so the Hub cannot be reached (unset it to push or pull)"
-        if isinstance(e, errors.RevisionNotFoundError):
-            return f"no revision {self.revision!r} on the Hub"
-        if isinstance(e, errors.RepositoryNotFoundError):
-            return "no such repository on the Hub (or no access: check your token: huggingface-cli login or HF_TOKEN)"
-        if isinstance(e, errors.HfHubHTTPError) and e.response is not None:
-            status = e.response.status_code
-            if status in (401, 403):
-                return f"the Hub refused access ({status}): check your token: huggingface-cli login or HF_TOKEN"
-            if status == 404:
-                return "not found on the Hub (404)"
-            return f"the Hub answered {status}: {_first_line(e)}"
-        transport = _transport_errors()
-        if (
-            isinstance(e, transport)
-            or isinstance(e.__cause__, transport)
-            or isinstance(e, errors.LocalEntryNotFoundError)
-        ):
-            return f"the Hub at {self.endpoint or constants.ENDPOINT} cannot be reached (network down or HF_ENDPOINT wrong?)"
-        return f"Hub request failed ({e.__class__.__name__}: {_first_line(e)})"
-
-
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else e.__class__.__name__
