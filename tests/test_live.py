@@ -170,3 +170,16 @@ def test_load_model_attaches(llama):
     merged = transformers.AutoModelForCausalLM.from_pretrained(llama / "merged2", dtype=torch.bfloat16)
     assert _same(model, _snapshot(merged))
     assert model.spra_handle.attached
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_attach_on_fp16_and_fp32_bases(tmp_path, dtype):
+    build_tiny_model("qwen2", tmp_path / "base", dtype)
+    a = _adapter(tmp_path / "base", 5, density=0.1)
+    apply_adapter(open_checkpoint(tmp_path / "base"), [("a", a)], tmp_path / "merged")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+    base = _snapshot(model)
+    with spra_tools.attached(model, a):
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype)
+        assert _same(model, _snapshot(merged))
+    assert _same(model, base)
