@@ -311,6 +311,95 @@ def pull(ctx, repo_id, out, revision, overwrite):
 
 
 @cli.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
+@click.option("--values-dtype", type=VALUES_DTYPES, default="bf16", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def stack(ctx, base, adapters, out, values_dtype, overwrite):
+    """Compose a chain (B trained on BASE+A, ...) into one adapter: applying it to BASE equals
+    applying ADAPTERS in order, bit for bit.
+
+    \b
+    Example:  spra-tools stack ./llama a.spra b.spra -o ab.spra
+    """
+    from .adapter import CLI_DTYPES
+    from .algebra.stack import stack_adapters
+    from .checkpoint import open_checkpoint
+    from .fsutil import check_output
+
+    check_output(out, overwrite)
+    stacked = stack_adapters(open_checkpoint(base), [(p, _load(p, False)) for p in adapters], CLI_DTYPES[values_dtype])
+    stacked.save(out, overwrite)
+    _say(
+        ctx,
+        f"wrote {out}: {stacked.num_values:,} values in {len(stacked.deltas)} tensors from {len(adapters)} adapters",
+    )
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="Seed of the new supports.")
+@click.option("--density", type=float, help="Density of the new supports (default: the adapter's).")
+@click.option("--base", help="The base checkpoint: needed for the fingerprints of new supports.")
+@click.option("--compact", is_flag=True, help="Only store explicit supports that equal the seeded one as seeded.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def reseed(ctx, adapter, out, seed, density, base, compact, overwrite):
+    """Move ADAPTER to the seeded supports of SEED (values kept where the supports meet).
+
+    With its own seed and density this is the identity. --compact changes no values: it turns
+    explicit supports that equal a seeded one into seeded storage (2 bytes per value).
+
+    \b
+    Example:  spra-tools reseed task.spra -o task-s7.spra --seed 7 --base ./llama
+    """
+    from .algebra.stack import compact_adapter, reseed_adapter
+    from .checkpoint import open_checkpoint
+    from .fsutil import check_output
+
+    check_output(out, overwrite)
+    a = _load(adapter)
+    if compact:
+        result, changed = compact_adapter(a, seed, density)
+        result.save(out, overwrite)
+        _say(ctx, f"wrote {out}: {changed} of {len(a.deltas)} tensors now seeded")
+        return
+    result, report = reseed_adapter(a, seed, density, open_checkpoint(base) if base else None)
+    result.save(out, overwrite)
+    _say(ctx, f"wrote {out}: {result.num_values:,} values; retained {report['retained']:.2%} of ||Δ||²")
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def compare(a, b, as_json):
+    """Per tensor: support overlap, cosine of the deltas on the overlap, norms; then a summary."""
+    from .algebra.stack import compare_adapters
+
+    result = compare_adapters(_load(a), _load(b))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    width = max([len(n) for n in result["tensors"]] + [6])
+    click.echo(f"{'tensor':<{width}}  {'overlap':>9}  {'cosine':>7}  {'|a|':>9}  {'|b|':>9}")
+    for name, t in result["tensors"].items():
+        if "only_in" in t:
+            click.echo(f"{name:<{width}}  only in {t['only_in']}")
+            continue
+        cos = "-" if t["cosine_on_overlap"] is None else f"{t['cosine_on_overlap']:.3f}"
+        click.echo(f"{name:<{width}}  {t['overlap']:>9,}  {cos:>7}  {t['norm_a']:>9.3e}  {t['norm_b']:>9.3e}")
+    s = result["summary"]
+    click.echo(
+        f"{s['tensors_in_both']} tensors in both, {s['only_in_one']} in one only; {s['overlap']:,} shared indices"
+        f" ({s['values_a']:,} values in A, {s['values_b']:,} in B)"
+    )
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def env(as_json):
     """Versions, devices, and the status of the compiled extension."""

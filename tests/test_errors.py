@@ -365,6 +365,21 @@ def _(w):
 # -- adapter against the wrong base -----------------------------------------------------------
 
 
+@case("wrong-base-stack")
+def _(w):
+    return Bad(["stack", w.other, w.seeded, "-o", w.new_spra], "fingerprint mismatch", w.seeded)
+
+
+@case("reseed-without-base")
+def _(w):
+    return Bad(["reseed", w.seeded, "-o", w.new_spra, "--seed", "12345"], "needs the base", None)
+
+
+@case("compare-missing")
+def _(w):
+    return Bad(["compare", w.seeded, p := w.tmp / "nope.spra"], "no such file", p)
+
+
 @case("wrong-base-same-shapes-apply", sub=True)
 def _(w):
     return Bad(w.apply(w.seeded, w.other), "fingerprint mismatch", w.seeded)
