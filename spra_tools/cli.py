@@ -400,6 +400,73 @@ def compare(a, b, as_json):
 
 
 @cli.command()
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, help="The .spra file or directory to write.")
+@click.option("--from", "source", type=click.Choice(["auto", "spra", "peft-sparta", "lora"]), default="auto",
+              show_default=True, help="What SRC is (auto: by its files).")  # fmt: skip
+@click.option("--to", "target", type=click.Choice(["spra", "peft-sparta"]), help="Default: the other format.")
+@click.option("--base", help="The base checkpoint (default: the one SRC records).")
+@click.option("--density", type=float, help="LoRA: keep the largest |ΔW| per tensor (default: every element).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def convert(ctx, src, out, source, target, base, density, overwrite):
+    """Convert between .spra and the peft-sparta layout, or a PEFT LoRA adapter into a sparse adapter.
+
+    \b
+    Examples:
+      spra-tools convert peft_sparta_dir/ -o task.spra --base ./llama
+      spra-tools convert task.spra -o peft_sparta_dir/ --to peft-sparta
+      spra-tools convert lora_dir/ -o lora.spra --density 0.01
+    """
+    from pathlib import Path
+
+    from .algebra import convert as cv
+    from .checkpoint import open_checkpoint
+    from .errors import SpraError
+    from .fsutil import check_output
+
+    check_output(out, overwrite)
+    path = Path(src)
+    if source == "auto":
+        source = "spra" if path.is_file() else "lora" if (path / "adapter_config.json").is_file() else "peft-sparta"
+    target = target or ("peft-sparta" if source == "spra" else "spra")
+    if source == target or (source == "lora" and target != "spra"):
+        raise SpraError(f"cannot convert {source} to {target}", src)
+    if source == "spra":
+        adapter = _load(src)
+        base_name = base or adapter.base.get("name")
+        if not base_name:
+            raise SpraError("the adapter records no base: give --base", src)
+        cv.write_peft_sparta(adapter, out, base_name, None, overwrite)
+        _say(ctx, f"wrote {out}: peft-sparta layout of {adapter.num_values:,} values (base {base_name})")
+        return
+    base_name = base or _recorded_base(path, source)
+    if source == "lora":
+        adapter = cv.lora_to_sparse(path, open_checkpoint(base_name), density)
+    else:
+        adapter = cv.read_peft_sparta(path, open_checkpoint(base_name))
+    adapter.save(out, overwrite)
+    retained = adapter.provenance.get("retained_total")
+    extra = f"; retained {retained:.2%} of ||ΔW||²" if isinstance(retained, float) and density is not None else ""
+    _say(ctx, f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors{extra}")
+
+
+def _recorded_base(path, source: str) -> str:
+    """The base a peft-sparta or LoRA directory names in its config (for convert without --base)."""
+    from .errors import SpraError
+
+    config = path / ("config.json" if source == "peft-sparta" else "adapter_config.json")
+    key = "sparta_pretrained_model" if source == "peft-sparta" else "base_model_name_or_path"
+    try:
+        name = json.loads(config.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if not name:
+        raise SpraError(f"no base recorded in {config.name}: give --base", path)
+    return name
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def env(as_json):
     """Versions, devices, and the status of the compiled extension."""
