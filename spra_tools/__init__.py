@@ -18,6 +18,8 @@ _LAZY = {
     "verify_adapter": "surgery",
     "apply_adapter": "surgery",
     "diff_checkpoints": "algebra",
+    "merge_adapters": "algebra",
+    "stack_adapters": "algebra",
     "SpraError": "errors",
     "attach": "live",
     "attached": "live",

@@ -310,6 +310,79 @@ def pull(ctx, repo_id, out, revision, overwrite):
     _say(ctx, f"wrote {out}: {spra.name} ({_human(spra.stat().st_size)}) from {repo_id}")
 
 
+MERGE_METHODS = [
+    "sum",
+    "task_arithmetic",
+    "mean",
+    "weighted",
+    "linear",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "magnitude_prune",
+]
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1)
+@click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
+@click.option("--method", type=click.Choice(MERGE_METHODS), help="How to combine (default: sum).")
+@click.option("--weights", metavar="W1,W2,...", help="One weight per adapter (weighted/linear, ties, dare).")
+@click.option("--density", type=float, help="Fraction of each adapter's values kept (ties, dare, magnitude_prune).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Seed of DARE's random drops (default 0).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="A mergekit-style YAML recipe (merge_method, models).")
+@click.option("--base", help="The base checkpoint: needed when the union of supports is new (fingerprints).")
+@click.option("--report", "report_path", help="Write the per-tensor report (overlap, sign conflicts, norms) as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_context
+def merge(ctx, adapters, out, method, weights, density, seed, recipe, base, report_path, overwrite):
+    """Merge task adapters into one, without loading the model (the union of their supports).
+
+    \b
+    Examples:
+      spra-tools merge math.spra code.spra chat.spra -o multi.spra
+      spra-tools merge a.spra b.spra -o ab.spra --method ties --density 0.5 --weights 1,0.7
+      spra-tools merge --recipe merge.yaml -o multi.spra
+    """
+    from .algebra.merge import merge_adapters, recipe_to_args
+    from .checkpoint import open_checkpoint
+    from .errors import SpraError
+    from .fsutil import atomic_path, check_output
+
+    check_output(out, overwrite)
+    args = (
+        recipe_to_args(recipe)
+        if recipe
+        else {"paths": [], "method": None, "weights": None, "density": None, "seed": None, "base": None}
+    )
+    paths = list(adapters) or args["paths"]
+    if len(paths) < 2:
+        raise SpraError("merge needs at least two adapters (arguments or the recipe's models)")
+    try:
+        weight_list = [float(x) for x in weights.split(",")] if weights else args["weights"]
+    except ValueError:
+        raise SpraError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
+    base_name = base or args["base"]
+    merged, report = merge_adapters(
+        [_load(p, False) for p in paths],
+        method or args["method"] or "sum",
+        weight_list,
+        density if density is not None else args["density"],
+        seed if seed is not None else (args["seed"] or 0),
+        open_checkpoint(base_name) if base_name else None,
+        names=paths,
+    )
+    merged.save(out, overwrite)
+    if report_path:
+        with atomic_path(report_path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    _say(
+        ctx,
+        f"wrote {out}: {merged.num_values:,} values in {len(merged.deltas)} tensors from {len(paths)} adapters"
+        f" ({report['overlap']:,} shared indices, {report['sign_conflicts']:,} sign conflicts)",
+    )
+
+
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)

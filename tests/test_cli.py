@@ -96,3 +96,23 @@ def test_demo_runs_end_to_end(tmp_path):
     text = invoke("demo", "--workdir", tmp_path)
     assert "bit-identical to the merged one: True" in text
     assert "B/value" in text
+
+
+def test_merge_from_arguments_and_from_a_recipe(base, tmp_path):
+    for seed in (1, 2):
+        invoke("create", base, "-o", tmp_path / f"s{seed}.spra", "--density", "0.05", "--seed", seed)
+    invoke("merge", tmp_path / "s1.spra", tmp_path / "s2.spra", "-o", tmp_path / "sum.spra", "--base", base,
+           "--report", tmp_path / "report.json")  # fmt: skip
+    report = json.loads((tmp_path / "report.json").read_text())
+    a, b = Adapter.load(tmp_path / "s1.spra"), Adapter.load(tmp_path / "s2.spra")
+    expected_overlap = sum(
+        np.intersect1d(a.deltas[n].indices().numpy(), b.deltas[n].indices().numpy()).size for n in a.deltas
+    )
+    assert report["overlap"] == expected_overlap > 0
+    assert Adapter.load(tmp_path / "sum.spra").num_values == a.num_values + b.num_values - expected_overlap
+    (tmp_path / "recipe.yaml").write_text(
+        f"merge_method: linear\nbase_model: {base}\nmodels:\n"
+        "  - model: s1.spra\n    parameters: {weight: 0.5}\n  - model: s2.spra\n    parameters: {weight: 2.0}\n"
+    )
+    invoke("merge", "--recipe", tmp_path / "recipe.yaml", "-o", tmp_path / "linear.spra")
+    assert Adapter.load(tmp_path / "linear.spra").provenance["merge_method"] in ("weighted", "linear")

@@ -365,6 +365,21 @@ def _(w):
 # -- adapter against the wrong base -----------------------------------------------------------
 
 
+@case("merge-one-adapter")
+def _(w):
+    return Bad(["merge", w.seeded, "-o", w.new_spra], "at least two adapters", None)
+
+
+@case("merge-weights-not-numbers")
+def _(w):
+    return Bad(["merge", w.seeded, w.seeded, "-o", w.new_spra, "--weights", "1,x"], "comma-separated", None)
+
+
+@case("merge-recipe-missing")
+def _(w):
+    return Bad(["merge", "--recipe", p := w.tmp / "nope.yaml", "-o", w.new_spra], "nope.yaml", p)
+
+
 @case("wrong-base-stack")
 def _(w):
     return Bad(["stack", w.other, w.seeded, "-o", w.new_spra], "fingerprint mismatch", w.seeded)
