@@ -20,21 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HIDDEN, INTERMEDIATE, KV, LAYERS = 4096, 14336, 1024, 32
+from llama8b import LAYERS, linear_shapes  # noqa: E402  (scripts/ is on sys.path)
+
 INPUTS, DENSITY, SEED = 8, 0.001, 7
 TARGET_S, TARGET_GB = 5.0, 2.0
-
-
-def shapes(layers: int):
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        yield p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "self_attn.k_proj.weight", (KV, HIDDEN)
-        yield p + "self_attn.v_proj.weight", (KV, HIDDEN)
-        yield p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)
-        yield p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)
-        yield p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)
 
 
 def build(folder: Path, layers: int) -> list[Path]:
@@ -43,12 +32,12 @@ def build(folder: Path, layers: int) -> list[Path]:
     from spra_tools.adapter import Adapter, TensorDelta
     from spra_tools.support import SeededSupport
 
-    numel = sum(r * c for _, (r, c) in shapes(layers))
+    numel = sum(r * c for _, (r, c) in linear_shapes(layers))
     gen = torch.Generator().manual_seed(0)
     paths = []
     for k in range(INPUTS):
         deltas = {}
-        for j, (name, shape) in enumerate(shapes(layers)):
+        for j, (name, shape) in enumerate(linear_shapes(layers)):
             support = SeededSupport(SEED, name, shape[0] * shape[1], DENSITY)
             values = (torch.randn(support.count, generator=gen) * 1e-3).to(torch.bfloat16)
             fp = {"BF16": f"{j:016x}"}  # dummy: no base is read

@@ -18,24 +18,11 @@ import statistics
 import time
 
 import torch
+from llama8b import linear_shapes  # noqa: E402  (scripts/ is on sys.path)
 
 from spra_tools import ops
 from spra_tools.ops.library import as_key
 from spra_tools.support import SeededSupport, tensor_key
-
-HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
-
-
-def shapes(layers: int):
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        yield p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "self_attn.k_proj.weight", (KV, HIDDEN)
-        yield p + "self_attn.v_proj.weight", (KV, HIDDEN)
-        yield p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)
-        yield p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)
-        yield p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)
 
 
 def timed(fn, device, repeat: int) -> float:
@@ -70,7 +57,7 @@ def main():
     gen = torch.Generator(device=device).manual_seed(0)
 
     names, weights, supports = [], [], []
-    for name, shape in shapes(args.layers):
+    for name, shape in linear_shapes(args.layers):
         w = torch.empty(shape, dtype=torch.bfloat16, device=device)
         w.normal_(generator=gen) if device == "cuda" else w.zero_()  # CPU: random content costs minutes
         names.append(name)

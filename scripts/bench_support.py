@@ -11,22 +11,10 @@ import argparse
 import time
 
 import torch
+from llama8b import linear_shapes  # noqa: E402  (scripts/ is on sys.path)
 
 from spra_tools import ops
 from spra_tools.support import SeededSupport
-
-HIDDEN, LAYERS, INTERMEDIATE, KV = 4096, 32, 14336, 1024
-
-
-def llama8b_linears():
-    for layer in range(LAYERS):
-        p = f"model.layers.{layer}."
-        yield p + "self_attn.q_proj.weight", HIDDEN * HIDDEN
-        yield p + "self_attn.k_proj.weight", KV * HIDDEN
-        yield p + "self_attn.v_proj.weight", KV * HIDDEN
-        yield p + "self_attn.o_proj.weight", HIDDEN * HIDDEN
-        for m in ("gate_proj", "up_proj", "down_proj"):
-            yield p + f"mlp.{m}.weight", INTERMEDIATE * HIDDEN
 
 
 def main():
@@ -36,7 +24,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    supports = [SeededSupport(args.seed, n, numel, args.density) for n, numel in llama8b_linears()]
+    supports = [SeededSupport(args.seed, n, r * c, args.density) for n, (r, c) in linear_shapes()]
     count = sum(s.count for s in supports)
     times = []
     for _ in range(args.repeat):

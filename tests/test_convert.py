@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tiny import bits, fine_tune
 
 from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
@@ -28,26 +29,13 @@ except ImportError:  # the dev extra installs it
 needs_sparta = pytest.mark.skipif(peft_sparta is None, reason="peft-sparta is not installed")
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def _fine_tune(model, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            mask = torch.rand(p.shape, generator=gen) < 0.03
-            noise = torch.randn(p.shape, generator=gen) * 0.05
-            p.copy_(torch.where(mask, (p.float() + noise).to(p.dtype), p))
-
-
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def pair(request, tmp_path_factory):
     """A tiny Llama base, a fine-tune of it, and our exact fp32-valued diff adapter."""
     dtype = request.param
     root = tmp_path_factory.mktemp("sparta")
     model = build_tiny_model("llama", root / "base", dtype)
-    _fine_tune(model, seed=1)
+    fine_tune(model, seed=1)
     model.save_pretrained(root / "tuned")
     base = open_checkpoint(root / "base")
     adapter, _ = diff_checkpoints(base, open_checkpoint(root / "tuned"), values_dtype="F32")
@@ -60,7 +48,7 @@ def _model_state(model) -> dict[str, torch.Tensor]:
 
 def _assert_equal_to_checkpoint(params: dict[str, torch.Tensor], ckpt) -> None:
     for name, p in params.items():
-        assert torch.equal(_bits(p.contiguous()), _bits(ckpt.read(name))), name
+        assert torch.equal(bits(p.contiguous()), bits(ckpt.read(name))), name
 
 
 def test_round_trip_is_exact(pair, tmp_path):
@@ -72,13 +60,13 @@ def test_round_trip_is_exact(pair, tmp_path):
     for name, d in adapter.deltas.items():
         b = back.deltas[name]
         assert torch.equal(b.indices(), d.indices()), name
-        assert torch.equal(_bits(b.values), _bits(d.values.float())), name
+        assert torch.equal(bits(b.values), bits(d.values.float())), name
         assert b.fingerprint == d.fingerprint
     apply_adapter(base, [("a", adapter)], tmp_path / "ours", overwrite=True)
     apply_adapter(base, [("b", back)], tmp_path / "back", overwrite=True)
     ours, theirs = open_checkpoint(tmp_path / "ours"), open_checkpoint(tmp_path / "back")
     for name in base.names():
-        assert torch.equal(_bits(ours.read(name)), _bits(theirs.read(name))), name
+        assert torch.equal(bits(ours.read(name)), bits(theirs.read(name))), name
 
 
 class _LoadAs:
@@ -125,7 +113,7 @@ def test_unpatched_loader_rounds_an_fp32_base_to_bf16(pair, tmp_path):
             flat = expect.reshape(-1)
             idx = d.indices()
             flat[idx] = (flat[idx].float() + d.values.float()).to(torch.bfloat16)
-        assert p.dtype == torch.bfloat16 and torch.equal(_bits(p), _bits(expect)), name
+        assert p.dtype == torch.bfloat16 and torch.equal(bits(p), bits(expect)), name
 
 
 @needs_sparta

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import transformers
+from tiny import bits, fine_tune
 
 from spra_tools import ops
 from spra_tools.adapter import Adapter
@@ -27,26 +28,12 @@ CASES = [
 ]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _fine_tune(model, seed: int) -> None:
-    """Stand-in for training: change a random 3% of the elements of every matrix and the first bias/norm."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            mask = torch.rand(p.shape, generator=gen) < 0.03
-            noise = torch.randn(p.shape, generator=gen) * 0.05
-            p.copy_(torch.where(mask, (p.float() + noise).to(p.dtype), p))
-
-
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-{'sharded' if c[2] else 'single'}")
 def pair(request, tmp_path_factory):
     arch, dtype, shard = request.param
     root = tmp_path_factory.mktemp(f"{arch}")
     model = build_tiny_model(arch, root / "base", dtype, shard)
-    _fine_tune(model, seed=1)
+    fine_tune(model, seed=1)
     model.save_pretrained(root / "tuned", **({"max_shard_size": shard} if shard else {}))
     return root, dtype, shard
 
@@ -65,7 +52,7 @@ def test_diff_apply_reproduces_tuned_bit_exactly(pair):
     out = open_checkpoint(root / "out")
     assert out.names() == tuned.names()
     for name in tuned.names():
-        assert torch.equal(_bits(out.read(name)), _bits(tuned.read(name))), name
+        assert torch.equal(bits(out.read(name)), bits(tuned.read(name))), name
     # Same shard names and index layout as the input; side files copied.
     assert [p.name for p in (root / "out").glob("*.safetensors")] == [
         p.name for p in (root / "base").glob("*.safetensors")
@@ -97,7 +84,7 @@ def test_zero_adapter_and_restore_leave_base_exact(pair):
     apply_adapter(base, [("zero", adapter)], root / "zero", overwrite=True)
     same = open_checkpoint(root / "zero")
     for name in base.names():
-        assert torch.equal(_bits(same.read(name)), _bits(base.read(name))), name
+        assert torch.equal(bits(same.read(name)), bits(base.read(name))), name
     # Random values applied and then restored from the gathered originals: the base bit for bit.
     gen = torch.Generator().manual_seed(5)
     for name, d in adapter.deltas.items():
@@ -105,9 +92,9 @@ def test_zero_adapter_and_restore_leave_base_exact(pair):
         idx = d.indices()
         original = ops.gather(w, idx)
         ops.scatter_apply(w, idx, torch.randn(d.count, generator=gen).to(torch.bfloat16), scale=0.7)
-        assert not torch.equal(_bits(w), _bits(base.read(name)))
+        assert not torch.equal(bits(w), bits(base.read(name)))
         ops.restore(w, idx, original)
-        assert torch.equal(_bits(w), _bits(base.read(name))), name
+        assert torch.equal(bits(w), bits(base.read(name))), name
 
 
 def test_density_diff_keeps_largest_changes(pair):
@@ -141,7 +128,7 @@ def test_apply_to_tensors_not_aligned_for_their_dtype(tmp_path):
         fmt.write_container(
             f,
             [
-                (n, {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype], _bits(t).numpy())
+                (n, {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype], bits(t).numpy())
                 for n, t in tensors.items()
             ],
             None,
@@ -157,5 +144,5 @@ def test_apply_to_tensors_not_aligned_for_their_dtype(tmp_path):
     for name, d in adapter.deltas.items():
         expected = tensors[name].clone()
         ops.scatter_apply(expected, d.indices(), d.values)
-        assert torch.equal(_bits(out.read(name)), _bits(expected)), name
-        assert not np.array_equal(_bits(expected).numpy(), _bits(tensors[name]).numpy())
+        assert torch.equal(bits(out.read(name)), bits(expected)), name
+        assert not np.array_equal(bits(expected).numpy(), bits(tensors[name]).numpy())
