@@ -21,6 +21,7 @@ _LAZY = {
     "merge_adapters": "algebra",
     "stack_adapters": "algebra",
     "SpraError": "errors",
+    "SparseModel": "train",
     "attach": "live",
     "attached": "live",
     "swap": "live",
