@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -96,6 +97,8 @@ def test_demo_runs_end_to_end(tmp_path):
     text = invoke("demo", "--workdir", tmp_path)
     assert "bit-identical to the merged one: True" in text
     assert "B/value" in text
+    base_loss, merged_loss = map(float, re.search(r"loss ([\d.]+) \(base\) -> ([\d.]+) \(merged\)", text).groups())
+    assert merged_loss < 0.6 * base_loss  # the trained adapter, judged by transformers on the applied checkpoint
 
 
 def test_merge_from_arguments_and_from_a_recipe(base, tmp_path):
