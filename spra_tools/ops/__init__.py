@@ -1,4 +1,5 @@
-"""One front for every kernel: support generation, gather, scatter-apply and exact restore.
+"""One front for every kernel: support generation, gather, scatter-apply, exact restore, and the
+training ops (weight gradients at the support, the fused AdamW step).
 
 The backend is chosen per call from ``SPRA_BACKEND`` (auto|reference|cpu|cuda; auto = the fastest
 available for the tensor's device). Every backend gives bit-identical results; the pure-torch
@@ -12,6 +13,7 @@ fused multiply-add), the final cast round-to-nearest-even. With scale == 1 the p
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -167,6 +169,78 @@ def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
         raise ValueError("weight must be contiguous")
     if indices.dtype != torch.int64 or values.shape != indices.shape:
         raise ValueError(f"need int64 indices and values of the same length, got {indices.shape} and {values.shape}")
+
+
+def support_grad(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """fp32 ``g[n] = Σ_t a[t, i_n] · b[t, j_n]`` for flat support indices into a [R, C] weight
+    (a [T, R], b [T, C]; for nn.Linear a = dY, b = X). Only the support is returned.
+
+    method: "sddmm" (the sampled kernel: work ∝ support size × tokens), "dense" (``aᵀb`` by the
+    BLAS in fp32, then gathered; the [R, C] product lives only inside this call), or "auto", which
+    picks per call from the measured crossover (`sddmm_is_faster`) unless SPRA_TOOLS_SUPPORT_GRAD
+    names a method (for benchmarks and tests)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"need a [T, R] and b [T, C], got {tuple(a.shape)} and {tuple(b.shape)}")
+    b = b.to(a.dtype)
+    tokens, rows, cols = a.shape[0], a.shape[1], b.shape[1]
+    if method == "auto":
+        method = os.environ.get("SPRA_TOOLS_SUPPORT_GRAD", "auto")
+    if method == "auto":
+        use_sddmm = a.device.type == "cuda" and sddmm_is_faster(indices.numel(), rows, cols, tokens)
+        method = "sddmm" if use_sddmm else "dense"
+    if method == "dense":
+        if a.device.type == "cuda" and a.dtype != torch.float32:
+            dense = torch.mm(a.t(), b, out_dtype=torch.float32)  # bf16/fp16 in, fp32 accumulated and out
+        else:
+            dense = torch.mm(a.t().float(), b.float())
+        return dense.view(-1).index_select(0, indices)
+    if method != "sddmm":
+        raise ValueError(f"method must be auto, sddmm or dense, not {method!r}")
+    return _op("sampled_grad", a.device)(_feature_major(a), _feature_major(b), indices)
+
+
+def _feature_major(x: torch.Tensor) -> torch.Tensor:
+    """x [T, F] as [F, T'] contiguous, tokens zero-padded to a multiple of 8 (16-byte rows)."""
+    pad = -x.shape[0] % 8
+    if pad == 0:
+        return x.t().contiguous()
+    out = x.new_zeros(x.shape[1], x.shape[0] + pad)
+    out[:, : x.shape[0]] = x.t()
+    return out
+
+
+# The crossover between the two gradient methods: a cost model (nanoseconds) fitted to 26 shapes x
+# densities x token counts on an H200 (`scripts/bench_support_grad.py --sweep`; docs/BENCHMARKS.md),
+# which it ranks correctly in 25 (the miss is a 2 % tie). The sampled kernel pays per multiply-add of
+# the support (k * T) and for making both operands feature-major ((R + C) * T); the dense product
+# (cuBLAS, ~600 TFLOP/s) per multiply-add of R * C * T and per fp32 output gathered.
+_SDDMM_NS = (3.3e-4, 6.7e-3, 59e3)  # per k*T, per (R+C)*T, fixed
+_DENSE_NS = (2.35e-6, 1.0e-3, 48e3)  # per R*C*T, per R*C, fixed
+
+
+def sddmm_is_faster(k: int, rows: int, cols: int, tokens: int) -> bool:
+    """Whether the sampled kernel beats dense-then-gather for a support of k elements of [rows, cols]."""
+    sddmm = _SDDMM_NS[0] * k * tokens + _SDDMM_NS[1] * (rows + cols) * tokens + _SDDMM_NS[2]
+    dense = _DENSE_NS[0] * rows * cols * tokens + _DENSE_NS[1] * rows * cols + _DENSE_NS[2]
+    return sddmm < dense
+
+
+def adamw_step(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs, *, lr: float, betas, eps: float,
+               weight_decay: float, step: int, grad_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+    """One fused AdamW step over many adapted tensors (lists, one entry per tensor), in place:
+    fp32 `deltas` and moments updated, then ``W[s] = cast(W0[s] + delta)`` with W0 = `originals`.
+    `grad_scale` (one fp32 value on the device, e.g. a clipping factor) multiplies every gradient.
+    Tensors are grouped by device and weight dtype: one launch per group (normally one)."""
+    beta1, beta2 = betas
+    scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+               lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step))  # fmt: skip
+    groups: dict = {}
+    for t, w in enumerate(weights):
+        groups.setdefault((w.device, w.dtype), []).append(t)
+    lists = (weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs)
+    for (device, _), members in groups.items():
+        picked = [[xs[t] for t in members] for xs in lists]
+        _op("adamw_step", device)(*picked, *scalars, grad_scale)
 
 
 def indices_many(supports: list[Support], device: torch.device | str) -> torch.Tensor:

@@ -24,6 +24,10 @@ _SCHEMAS = {
     "gather": "(Tensor weight, Tensor indices) -> Tensor",
     "scatter_apply": "(Tensor(a!) weight, Tensor indices, Tensor values, float scale) -> ()",
     "restore": "(Tensor(a!) weight, Tensor indices, Tensor original) -> ()",
+    "sampled_grad": "(Tensor a, Tensor b, Tensor indices) -> Tensor",
+    "adamw_step": "(Tensor(a!)[] weights, Tensor[] indices, Tensor[] originals, Tensor(b!)[] deltas, Tensor[] grads, "
+    "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
+    "float weight_decay, float step_size, float inv_sqrt_bias_correction2, Tensor? grad_scale) -> ()",
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -110,6 +114,21 @@ def _restore(weight, indices, original):
     reference.restore(weight, indices, original)
 
 
+@_default("sampled_grad")
+def _sampled_grad(a, b, indices):
+    return reference.sampled_grad(a, b, indices)
+
+
+@_default("adamw_step")
+def _adamw_step(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+                weight_decay, step_size, inv_sqrt_bias_correction2, grad_scale):  # fmt: skip
+    for w, i, o, p, g, m, v in zip(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs):
+        reference.adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step_size, inv_sqrt_bias_correction2,
+                               grad_scale)  # fmt: skip
+        reference.restore(w, i, o)
+        reference.scatter_apply(w, i, p, 1.0)
+
+
 # --- fake kernels: shapes and dtypes only ------------------------------------------------------
 
 
@@ -146,4 +165,15 @@ def _(weight, indices, values, scale):
 
 @torch.library.register_fake(f"{NS}::restore")
 def _(weight, indices, original):
+    return None
+
+
+@torch.library.register_fake(f"{NS}::sampled_grad")
+def _(a, b, indices):
+    return a.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NS}::adamw_step")
+def _(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+      step_size, inv_sqrt_bias_correction2, grad_scale):  # fmt: skip
     return None

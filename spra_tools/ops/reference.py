@@ -87,3 +87,23 @@ def scatter_apply(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 
 def restore(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor) -> None:
     weight.view(-1).index_copy_(0, indices, original)
+
+
+def sampled_grad(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``out[n] = Σ_t a[i_n, t] · b[j_n, t]`` in fp32 for flat indices into [rows(a), rows(b)]:
+    the dense product gathered at the support (a [R, T], b [C, T], both feature-major)."""
+    return (a.float() @ b.float().t()).reshape(-1).index_select(0, indices)
+
+
+def adamw_update(delta, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step_size,
+                 inv_sqrt_bias_correction2, grad_scale) -> None:  # fmt: skip
+    """One AdamW update of fp32 `delta` in place, every operation rounded to fp32 in this order
+    (the compiled kernel matches it bit for bit). Scalars are derived in float64 and rounded once:
+    ``step_size = lr / (1 - beta1**step)``, ``inv_sqrt_bias_correction2 = 1 / sqrt(1 - beta2**step)``."""
+    g = grad if grad_scale is None else grad * grad_scale
+    exp_avg.mul_(beta1).add_(g * (1.0 - beta1))
+    exp_avg_sq.mul_(beta2).add_((g * g) * (1.0 - beta2))
+    if weight_decay != 0.0:
+        delta.mul_(1.0 - lr * weight_decay)
+    denom = exp_avg_sq.sqrt() * inv_sqrt_bias_correction2 + eps  # a product: torch divides by a scalar as one
+    delta.sub_((exp_avg / denom) * step_size)
