@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import transformers
 
 TINY_CONFIGS = {
     "llama": (
@@ -105,19 +110,18 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         echo("2. training a seeded sparse adapter on an embedded corpus (all linear layers + lm_head, 5%)")
         import transformers
 
-        from .train import SparseModel
+        from .train import SparseAdamW, SparseModel
 
         batch = corpus_batch()
         model = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16)
         sm = SparseModel(model, density=0.05, seed=1234, targets=["all-linear", r"lm_head\.weight$"])
-        optimizer = torch.optim.AdamW(sm.parameters(), lr=1e-2, weight_decay=0.0)
+        optimizer = SparseAdamW(sm, lr=1e-2)  # fused: updates the deltas and writes the weights
         t0 = time.perf_counter()
         for step in range(TRAIN_STEPS):
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            sm.sync()
             if step % 10 == 0 or step == TRAIN_STEPS - 1:
                 echo(f"   step {step:>3}  loss {loss.item():.3f}")
         timings["train"] = time.perf_counter() - t0
@@ -173,3 +177,46 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         if not identical or wrong == [] or not losses["merged"] < 0.6 * losses["base"]:
             raise RuntimeError("demo self-check failed")
         return {"bytes_per_value": seeded_bytes / n, "identical": identical, "timings": timings}
+
+
+WORD_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+# One line per turn, every piece a vocabulary word, so rendered chats tokenize without <unk>.
+WORD_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s> {{ message['role'] }} : {{ message['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+
+
+def build_word_tokenizer(
+    words: Iterable[str], directory: str | Path | None = None, chat_template: bool = True
+) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer made locally, sized for `build_tiny_model` (at most 256 entries).
+
+    Ids 0..3 are <pad> <unk> <s> </s>, then every word in first-seen order. Each item of `words` is
+    split the way the tokenizer splits text (whitespace and punctuation), so whole sentences may be
+    passed. With `chat_template`, the role words and ":" join the vocabulary and a one-line-per-turn
+    template is set. Saved with save_pretrained when `directory` is given.
+    """
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    split = pre_tokenizers.Whitespace()
+    roles = ["system", "user", "assistant", ":"] if chat_template else []
+    vocab = {token: i for i, token in enumerate(WORD_SPECIAL_TOKENS)}
+    for item in [*words, *roles]:
+        for piece, _ in split.pre_tokenize_str(item):
+            vocab.setdefault(piece, len(vocab))
+    if len(vocab) > 256:
+        raise ValueError(f"{len(vocab)} vocabulary entries; tiny models have room for 256")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    # Registered as special so "<s>" is matched whole instead of being split into "<", "s", ">".
+    tok.add_special_tokens(list(WORD_SPECIAL_TOKENS))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if chat_template:
+        fast.chat_template = WORD_CHAT_TEMPLATE
+    if directory is not None:
+        fast.save_pretrained(directory)
+    return fast

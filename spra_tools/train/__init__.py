@@ -1,5 +1,5 @@
-"""Training: the SpaRTA-trainable model wrapper (the bundled loop builds on it)."""
+"""Training: the SpaRTA-trainable model wrapper and its fused optimizer (the bundled loop builds on them)."""
 
-from .sparse_model import SparseModel
+from .sparse_model import SparseAdamW, SparseModel
 
-__all__ = ["SparseModel"]
+__all__ = ["SparseAdamW", "SparseModel"]
