@@ -49,6 +49,7 @@ def cli(debug: bool, quiet: bool):
     \b
     Quick start:
       spra-tools demo                                   # everything on a tiny local model
+      spra-tools train BASE --data train.jsonl -o task.spra --steps 500
       spra-tools create BASE -o task.spra --density 0.01 --seed 0
       spra-tools apply BASE task.spra -o merged/
       spra-tools info task.spra
@@ -572,6 +573,66 @@ def build_ext(kind):
         failed |= status != "ok" and (kind != "all" or status.startswith("build failed"))
     if failed:
         sys.exit(1)
+
+
+@cli.command(context_settings={"max_content_width": 110})
+@click.argument("base", required=False)
+@click.option("--data", help="Training data: .jsonl / .json / .csv / .parquet, or a `datasets` directory.")
+@click.option("-o", "--output", help="The .spra adapter to write.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with the same keys; flags win.")
+@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="[default: causal-lm]")
+@click.option("--density", type=float, help="Fraction of each targeted tensor that trains. [default: 0.01]")
+@click.option("--seed", type=click.IntRange(0), help="Support, data order and head init. [default: 0]")
+@click.option(
+    "--targets",
+    multiple=True,
+    help="Preset (vo, attn, mlp, all-linear, all) or regex; repeatable. [default: all-linear]",
+)
+@click.option("--exclude", multiple=True, help="Regex of tensors not to adapt; repeatable.")
+@click.option("--steps", type=click.IntRange(1), help="Optimizer steps (or --epochs).")
+@click.option("--epochs", type=float, help="Passes over the data. [default: 1]")
+@click.option("--lr", type=float, help="Peak learning rate. [default: 2e-4]")
+@click.option("--batch-size", type=click.IntRange(1), help="Examples per micro-batch and process. [default: 8]")
+@click.option("--grad-accum", type=click.IntRange(1), help="Micro-batches per optimizer step. [default: 1]")
+@click.option("--max-length", type=click.IntRange(2), help="Tokens per example; longer ones are cut. [default: 512]")
+@click.option("--packing/--no-packing", default=None, help="Pack causal-LM examples into full sequences.")
+@click.option("--warmup", type=float, help="Warm-up: a fraction of the steps (< 1) or a step count. [default: 0]")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[default: cosine]")
+@click.option("--weight-decay", type=float, help="[default: 0]")
+@click.option("--max-grad-norm", type=float, help="Clip the global gradient norm. [default: 1.0]")
+@click.option("--eval-data", help="Held-out data, same format.")
+@click.option("--eval-every", type=click.IntRange(1), help="Steps between evaluations (default: at the end).")
+@click.option(
+    "--early-stopping",
+    type=click.IntRange(1),
+    metavar="PATIENCE",
+    help="Stop after PATIENCE evaluations without improvement; keep the best.",
+)
+@click.option("--checkpoint-dir", help="Where checkpoints go (for --resume).")
+@click.option("--checkpoint-every", type=click.IntRange(1), help="Steps between checkpoints (default: at the end).")
+@click.option(
+    "--resume", is_flag=True, default=None, help="Continue from the checkpoint in --checkpoint-dir, bit-exactly."
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Of the frozen base. [default: bf16]")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations in backward.")
+@click.option("--log-dir", help="metrics.jsonl, TensorBoard events and curves.png.")
+@click.option("--values-dtype", type=click.Choice(["bf16", "fp32"]), help="Of the stored values. [default: bf16]")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace OUTPUT if it exists.")
+@click.pass_context
+def train(ctx, base, config_file, **flags):
+    """Fine-tune a seeded sparse adapter of BASE on local data (causal-LM SFT or classification).
+
+    \b
+    Records: {"text"}, {"prompt", "completion"}, {"messages"} (chat template), or
+    {"text", "label"} with --task seq-cls (the new head trains densely and is stored whole).
+    Multi-GPU: torchrun --nproc-per-node N -m spra_tools train ...  (DDP; rank 0 writes)
+    """
+    from .train.config import TrainConfig
+    from .train.loop import train as run
+
+    config = TrainConfig.resolve(config_file, {"base": base, **flags})
+    run(config, echo=lambda m: _say(ctx, m), progress=_progress(ctx))
 
 
 @cli.command()

@@ -1,0 +1,286 @@
+"""TrainConfig: every setting of a `spra-tools train` run, and the learning-rate schedule it implies.
+
+A run is fully described by one frozen `TrainConfig`, built by `TrainConfig.resolve` from an optional
+YAML file (keys are field names, or the CLI spelling with dashes) with the flags the user gave on
+top. Field names match the CLI flags (`grad_accum` is `--grad-accum`; `base` is the BASE argument),
+so every validation error names the flag to fix. The config is saved with checkpoints and adapters
+(`to_dict`), which is why it carries a version.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import typing
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from ..errors import SpraError
+from ..targets import PRESETS
+
+VERSION = 1
+_REQUIRED = ("base", "data", "output")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one fine-tuning run; see `spra-tools train --help` for each flag."""
+
+    base: str  # Hub id or local checkpoint of the model to adapt
+    data: str  # training data file
+    output: str  # the .spra adapter to write
+    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    density: float = 0.01  # fraction of each targeted tensor that trains, in (0, 1]
+    seed: int = 0  # picks the support (with density) and seeds data order and init
+    targets: tuple[str, ...] = ("all-linear",)  # presets (spra_tools.targets) or regexes over tensor names
+    exclude: tuple[str, ...] = ()  # regexes; a tensor matching any is not adapted
+    steps: int | None = None  # optimizer steps; exactly one of steps / epochs (epochs=1 when neither)
+    epochs: float | None = None  # passes over the data, fractions allowed
+    lr: float = 2e-4  # peak; sparse deltas train well at larger rates than full fine-tuning
+    batch_size: int = 8  # examples per micro-batch (per device)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 512  # tokens per example (or per packed sequence); longer ones are truncated
+    packing: bool = False  # concatenate causal-LM examples into full max_length sequences
+    warmup: float = 0.0  # fraction of the steps if < 1, else a whole number of steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up (see schedule_factor)
+    weight_decay: float = 0.0  # AdamW decoupled decay; it pulls the deltas (not the base) towards 0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None disables clipping
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eval_data: str | None = None
+    eval_every: int | None = None  # optimizer steps between evaluations; None: once, at the end
+    early_stopping: int | None = None  # stop after this many evaluations without improvement
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None  # optimizer steps between checkpoints; None: at the end only
+    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bf16", "fp32"] = "bf16"  # of the frozen base weights and activations
+    gradient_checkpointing: bool = False
+    log_dir: str | None = None  # metrics.jsonl, TensorBoard events and curves.png go here
+    values_dtype: Literal["bf16", "fp32"] = "bf16"  # of the delta values stored in the adapter
+    overwrite: bool = False  # replace an existing output
+    version: int = VERSION
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), _HINTS[f.name]))
+        if self.version != VERSION:
+            raise SpraError(f"train config version {self.version} is not supported (this spra-tools reads {VERSION})")
+        if self.steps is None and self.epochs is None:
+            object.__setattr__(self, "epochs", 1.0)
+        checks = [
+            (0.0 < self.density <= 1.0, "--density must be in (0, 1]"),
+            (self.seed >= 0, "--seed must be >= 0"),
+            (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
+            (self.steps is None or self.steps >= 1, "--steps must be >= 1"),
+            (self.epochs is None or self.epochs > 0, "--epochs must be > 0"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (self.max_length >= 2, "--max-length must be >= 2"),  # one token leaves nothing to predict
+            (not self.packing or self.task == "causal-lm", "--packing only applies to --task causal-lm"),
+            (
+                self.warmup >= 0 and (self.warmup < 1 or self.warmup.is_integer()),
+                "--warmup must be a fraction in [0, 1) or a whole number of steps",
+            ),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+            (all(0 <= b < 1 for b in self.betas), "--betas must both be in [0, 1)"),
+            (self.eps > 0, "--eps must be > 0"),
+            (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1"),
+            (self.eval_every is None or self.eval_data is not None, "--eval-every needs --eval-data"),
+            (self.early_stopping is None or self.early_stopping >= 1, "--early-stopping must be >= 1"),
+            (self.early_stopping is None or self.eval_data is not None, "--early-stopping needs --eval-data"),
+            (self.early_stopping is None or self.eval_every is not None, "--early-stopping needs --eval-every"),
+            (self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+            (
+                self.checkpoint_every is None or self.checkpoint_dir is not None,
+                "--checkpoint-every needs --checkpoint-dir",
+            ),
+            (not self.resume or self.checkpoint_dir is not None, "--resume needs --checkpoint-dir"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpraError(message)
+        for target in self.targets:
+            if target not in PRESETS:
+                _check_regex("--targets", target, f" is neither a preset ({', '.join(PRESETS)}) nor a valid regex")
+        for pattern in self.exclude:
+            _check_regex("--exclude", pattern, " is not a valid regex")
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (tuples become lists) that `from_dict` turns back into an equal config."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The inverse of `to_dict`; unknown or missing keys raise SpraError naming them."""
+        unknown = sorted(map(str, set(d) - _NAMES))
+        if unknown:
+            raise SpraError(f"unknown train settings: {', '.join(unknown)}")
+        missing = [k for k in _REQUIRED if d.get(k) is None]
+        if missing:
+            raise SpraError(f"missing required train settings: {', '.join(missing)}")
+        return cls(**d)
+
+    @classmethod
+    def resolve(cls, config_file: str | None, overrides: dict) -> TrainConfig:
+        """The config from a YAML file (or none) with `overrides` (the CLI flags) on top.
+
+        An override of None, or an empty tuple (what an absent `multiple=True` click option gives),
+        means "not given" and keeps the file's value. Giving one of --steps / --epochs drops the
+        other from the file, so the flag wins instead of clashing. Paths are kept as written (relative
+        to the working directory), as on the command line: `base` may be a Hub id, not a path.
+        """
+        settings = _load_yaml(config_file) if config_file is not None else {}
+        given = _canonical({k: v for k, v in overrides.items() if v is not None and v != ()}, "overrides", None)
+        for a, b in (("steps", "epochs"), ("epochs", "steps")):
+            if a in given and b not in given:
+                settings.pop(b, None)
+        settings.update(given)
+        return cls.from_dict(settings)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warm-up length in optimizer steps: ceil(fraction x total), or the count, never above total."""
+        w = math.ceil(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+        return min(w, total_steps)
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run: --steps, or ceil(epochs x micro-batches per epoch / grad_accum)."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * batches_per_epoch / self.grad_accum))
+
+
+def schedule_factor(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The multiplier of `config.lr` at optimizer step `step` (0 is the first step) of `total_steps`.
+
+    Warm-up: step s < W uses (s + 1) / W, a linear ramp from 0 that reaches the peak at step W - 1
+    without spending a step at lr 0. Then with p = (s - W) / (total_steps - W), the progress from
+    step W (the peak) to step total_steps (one past the last, where the rate would reach 0):
+    cosine 0.5 (1 + cos(pi p)), linear 1 - p, constant 1. Every step trains at a rate > 0.
+    This matches torch.optim.lr_scheduler.LambdaLR, whose lambda(s) is the rate of step s.
+    """
+    if total_steps < 1 or step < 0:
+        raise ValueError(f"need 0 <= step and total_steps >= 1, got step={step}, total_steps={total_steps}")
+    warm = config.warmup_steps(total_steps)
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based): config.lr x schedule_factor."""
+    return config.lr * schedule_factor(step, total_steps, config)
+
+
+def _flag(name: str) -> str:
+    return "BASE" if name == "base" else "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value, hint):
+    """`value` as the field's type (a list becomes a tuple, an int a float), or a SpraError naming the flag."""
+    flag = _flag(name)
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in args:
+            raise SpraError(f"{flag} must be one of {', '.join(args)} (got {value!r})")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpraError(f"{flag} must be true or false (got {value!r})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpraError(f"{flag} must be a whole number (got {value!r})")
+        return value
+    if hint is float:
+        return _number(flag, value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise SpraError(f"{flag} must be a non-empty string (got {value!r})")
+        return value
+    if origin is tuple and args[-1] is Ellipsis:  # tuple[str, ...]; a lone string is a one-item list
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+            raise SpraError(f"{flag} must be a list of non-empty strings (got {value!r})")
+        if name == "targets" and not items:
+            raise SpraError(f"{flag} must name at least one preset or regex")
+        return tuple(items)
+    if origin is tuple:  # tuple[float, float]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise SpraError(f"{flag} must be {len(args)} numbers (got {value!r})")
+        return tuple(_number(flag, v) for v in value)
+    raise TypeError(f"no coercion for {name}: {hint}")
+
+
+def _number(flag: str, value) -> float:
+    # YAML 1.1 reads `1e-4` (no dot) as a string, so numeric strings are accepted.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpraError(f"{flag} must be a number (got {value!r})")
+    try:
+        x = float(value)
+    except ValueError:
+        raise SpraError(f"{flag} must be a number (got {value!r})") from None
+    if not math.isfinite(x):
+        raise SpraError(f"{flag} must be finite (got {value!r})")
+    return x
+
+
+def _check_regex(flag: str, pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise SpraError(f"{flag} {pattern!r}{what}: {e}") from None
+
+
+def _canonical(d: dict, what: str, where: str | None) -> dict:
+    """Keys as field names (`grad-accum` -> `grad_accum`); unknown keys raise SpraError naming them."""
+    out = {}
+    unknown = []
+    for key, value in d.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name not in _NAMES:
+            unknown.append(str(key))
+        elif name in out:
+            raise SpraError(f"setting {name} given twice in {what}", where)
+        out[name] = value
+    if unknown:
+        raise SpraError(f"unknown train settings in {what}: {', '.join(sorted(unknown))}", where)
+    return out
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise SpraError(f"cannot read the config ({e.strerror})", path) from None
+    except yaml.YAMLError as e:
+        raise SpraError(f"config is not valid YAML ({str(e).splitlines()[0]})", path) from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SpraError("config must be a mapping of setting: value", path)
+    return _canonical(doc, "the config", path)
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+_NAMES = frozenset(_HINTS)

@@ -1,0 +1,232 @@
+"""`spra-tools train` end to end on a tiny local Llama with a word-level tokenizer: the loss falls
+(judged by transformers on the applied checkpoint), an interrupted run resumes to a byte-identical
+adapter, classification learns a separable task, every record shape trains, bad input fails in one
+line; and SparseModel + SparseAdamW inside transformers.Trainer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+
+from spra_tools.adapter import Adapter
+from spra_tools.checkpoint import open_checkpoint
+from spra_tools.demo import CORPUS, build_tiny_model, build_word_tokenizer
+from spra_tools.errors import SpraError
+from spra_tools.live import load_model
+from spra_tools.surgery import apply_adapter
+from spra_tools.train import SparseAdamW, SparseModel
+from spra_tools.train.config import TrainConfig
+from spra_tools.train.loop import train
+
+WORDS = CORPUS.split()
+EXTRA = ["good", "great", "fine", "bad", "awful", "poor", "movie", "positive", "negative", "question", "answer"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    build_tiny_model("llama", root / "base", torch.bfloat16, hidden=128, layers=2)
+    build_word_tokenizer(WORDS + EXTRA, root / "base")
+    lines = [" ".join(WORDS[i : i + 16]) for i in range(0, len(WORDS) - 16, 4)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    rng = random.Random(0)
+    for split, n in (("train", 96), ("eval", 32)):
+        rows = []
+        for _ in range(n):
+            label = rng.choice(["positive", "negative"])
+            cue = rng.choice(["good", "great", "fine"] if label == "positive" else ["bad", "awful", "poor"])
+            filler = [rng.choice(WORDS) for _ in range(6)]
+            filler.insert(rng.randrange(7), cue)
+            rows.append(json.dumps({"text": " ".join(filler), "label": label}) + "\n")
+        (root / f"cls_{split}.jsonl").write_text("".join(rows))
+    return root
+
+
+def _config(workdir, out, **kw) -> TrainConfig:
+    settings = dict(base=str(workdir / "base"), data=str(workdir / "corpus.jsonl"), output=str(out), steps=40,
+                    lr=1e-2, density=0.05, batch_size=8, targets=("all-linear", r"lm_head\.weight$"),
+                    schedule="constant", max_grad_norm=None, device="cpu")  # fmt: skip
+    settings.update(kw)
+    return TrainConfig.from_dict(settings)
+
+
+def _corpus_loss(model_dir, workdir) -> float:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    losses = []
+    with torch.no_grad():
+        for line in (workdir / "corpus.jsonl").read_text().splitlines():
+            ids = torch.tensor([tokenizer(json.loads(line)["text"])["input_ids"]])
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_cli_training_lowers_the_loss_judged_by_transformers(workdir, tmp_path, call_cli):
+    rc, out, err = call_cli("train", workdir / "base", "--data", workdir / "corpus.jsonl", "-o", tmp_path / "a.spra",
+                            "--steps", "40", "--lr", "1e-2", "--density", "0.05", "--targets", "all-linear",
+                            "--targets", r"lm_head\.weight$", "--schedule", "constant", "--device", "cpu",
+                            "--log-dir", tmp_path / "logs")  # fmt: skip
+    assert rc == 0, err
+    assert "steps:" in out and "40" in out
+    adapter = Adapter.load(tmp_path / "a.spra")
+    assert adapter.provenance["steps"] == 40 and adapter.provenance["config"]["lr"] == 1e-2
+    apply_adapter(open_checkpoint(workdir / "base"), [("a", adapter)], tmp_path / "merged")
+    base_loss, tuned_loss = _corpus_loss(workdir / "base", workdir), _corpus_loss(tmp_path / "merged", workdir)
+    assert tuned_loss < 0.6 * base_loss, (base_loss, tuned_loss)
+    lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, 41))
+    assert (tmp_path / "logs" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupted_run_resumes_to_a_byte_identical_adapter(workdir, tmp_path):
+    common = dict(grad_accum=2, batch_size=4, eval_data=str(workdir / "corpus.jsonl"), eval_every=10,
+                  schedule="cosine", warmup=0.1, max_grad_norm=1.0, weight_decay=0.01)  # fmt: skip
+    train(_config(workdir, tmp_path / "full.spra", checkpoint_dir=str(tmp_path / "ck1"), **common), progress=False)
+
+    def interrupt(step):
+        if step == 20:
+            raise KeyboardInterrupt
+
+    resumable = _config(workdir, tmp_path / "resumed.spra", checkpoint_dir=str(tmp_path / "ck2"), **common)
+    with pytest.raises(SpraError, match="interrupted after step 20"):
+        train(resumable, progress=False, on_step=interrupt)
+    assert not (tmp_path / "resumed.spra").exists()
+    train(_config(workdir, tmp_path / "resumed.spra", checkpoint_dir=str(tmp_path / "ck2"), resume=True, **common),
+          progress=False)  # fmt: skip
+    assert (tmp_path / "resumed.spra").read_bytes() == (tmp_path / "full.spra").read_bytes()
+
+    changed = _config(workdir, tmp_path / "x.spra", checkpoint_dir=str(tmp_path / "ck2"), resume=True,
+                      **{**common, "lr": 5e-3})  # fmt: skip
+    with pytest.raises(SpraError, match="different settings.*lr"):
+        train(changed, progress=False)
+
+
+def test_sequence_classification_learns_a_separable_task(workdir, tmp_path):
+    config = _config(workdir, tmp_path / "cls.spra", task="seq-cls", data=str(workdir / "cls_train.jsonl"),
+                     eval_data=str(workdir / "cls_eval.jsonl"), targets=("all-linear",), steps=60, lr=5e-3,
+                     density=0.1, eval_every=20)  # fmt: skip
+    summary = train(config, progress=False)
+    assert summary["best_eval"]["value"] is not None
+    adapter = Adapter.load(tmp_path / "cls.spra")
+    assert adapter.task["type"] == "seq-cls" and set(adapter.task["id2label"].values()) == {"positive", "negative"}
+    assert "score.weight" in adapter.dense
+    assert adapter.provenance["best_eval"]["accuracy"] >= 0.9
+    # The adapter on a freshly loaded classifier (random head replaced by the trained one) agrees.
+    model = load_model(workdir / "base", tmp_path / "cls.spra", dtype=torch.bfloat16)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "base")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rows = [json.loads(x) for x in (workdir / "cls_eval.jsonl").read_text().splitlines()]
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            logits = model(input_ids=torch.tensor([tokenizer(row["text"])["input_ids"]])).logits
+            correct += model.config.id2label[int(logits.argmax())] == row["label"]
+    assert correct / len(rows) >= 0.9
+
+
+@pytest.mark.parametrize("shape", ["prompt", "messages"])
+def test_prompt_completion_and_chat_records_train(workdir, tmp_path, shape):
+    rows = []
+    for i in range(16):
+        q, a = " ".join(WORDS[i : i + 4]), " ".join(WORDS[i + 4 : i + 8])
+        if shape == "prompt":
+            rows.append({"prompt": f"question {q} answer", "completion": f" {a}"})
+        else:
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = train(_config(workdir, tmp_path / "p.spra", data=str(tmp_path / "d.jsonl"), steps=4), progress=False)
+    assert summary["steps"] == 4 and Adapter.load(tmp_path / "p.spra").num_values > 0
+
+
+def test_yaml_config_with_flags_on_top_is_stored_in_the_provenance(workdir, tmp_path, call_cli):
+    (tmp_path / "run.yaml").write_text(
+        f"base: {workdir / 'base'}\ndata: {workdir / 'corpus.jsonl'}\nsteps: 3\nlr: 0.001\ndensity: 0.02\n"
+        "grad-accum: 2\ndevice: cpu\n"
+    )
+    rc, _, err = call_cli("train", "--config", tmp_path / "run.yaml", "--lr", "0.003", "-o", tmp_path / "y.spra")
+    assert rc == 0, err
+    stored = Adapter.load(tmp_path / "y.spra").provenance["config"]
+    assert stored["lr"] == 0.003 and stored["grad_accum"] == 2 and stored["density"] == 0.02 and stored["steps"] == 3
+
+
+def test_bad_inputs_fail_in_one_line_and_write_nothing(workdir, tmp_path, call_cli):
+    (tmp_path / "bad.jsonl").write_text('{"text": "the cat"}\n{"text": \n')
+    build_tiny_model("llama", tmp_path / "notok", torch.bfloat16)  # a checkpoint without a tokenizer
+    cases = [
+        (["train", workdir / "base", "--data", tmp_path / "bad.jsonl"], "bad.jsonl"),
+        (["train", tmp_path / "notok", "--data", workdir / "corpus.jsonl"], "tokenizer"),
+        (["train", workdir / "base", "--data", tmp_path / "missing.jsonl"], "missing.jsonl"),
+        (["train", workdir / "base", "--data", workdir / "corpus.jsonl", "--density", "2"], "--density"),
+        (["train", workdir / "base", "--data", workdir / "corpus.jsonl", "--early-stopping", "2"], "--eval-data"),
+    ]
+    for args, needle in cases:
+        rc, _, err = call_cli(*args, "-o", tmp_path / "out.spra", "--steps", "2", "--device", "cpu")
+        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (tmp_path / "out.spra").exists()
+
+
+def test_early_stopping_keeps_the_best_adapter(workdir, tmp_path):
+    # A learning rate far too high: the evaluation loss soon gets worse, and training stops.
+    config = _config(workdir, tmp_path / "e.spra", lr=3.0, steps=40, eval_data=str(workdir / "corpus.jsonl"),
+                     eval_every=2, early_stopping=1)  # fmt: skip
+    summary = train(config, progress=False)
+    provenance = Adapter.load(tmp_path / "e.spra").provenance
+    assert provenance["steps"] < 40
+    assert provenance["best_eval"]["step"] == summary["best_eval"]["step"] < provenance["steps"]
+
+
+def test_sparse_model_inside_transformers_trainer(workdir, tmp_path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
+    sm = SparseModel(model, density=0.05, seed=0, targets=["all-linear", r"lm_head\.weight$"])
+    texts = [json.loads(x)["text"] for x in (workdir / "corpus.jsonl").read_text().splitlines()]
+    examples = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)}
+                for ids in (tokenizer(t)["input_ids"][:16] for t in texts) if len(ids) >= 16]  # fmt: skip
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=30, learning_rate=1e-2,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=sm, args=args, train_dataset=examples, optimizers=(SparseAdamW(sm, lr=1e-2), None)
+    )
+    trainer.train()
+    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
+    assert losses[-1] < 0.6 * losses[0]
+    sm.save(tmp_path / "t.spra")
+    assert Adapter.load(tmp_path / "t.spra").num_values == sum(p.numel() for p in sm.parameters())
+
+
+TWO_GPUS = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", TWO_GPUS])
+def test_torchrun_two_processes_train_the_adapter_of_one(workdir, tmp_path, device):
+    """torchrun --nproc-per-node 2 (gloo on CPU, NCCL on GPUs), batch 2 each = one process, batch 4."""
+    import subprocess
+    import sys
+
+    from conftest import _clean_env
+
+    args = ["train", workdir / "base", "--data", workdir / "corpus.jsonl", "--steps", "6", "--lr", "1e-3",
+            "--density", "0.05", "--device", device, "--dtype", "fp32", "--values-dtype", "fp32", "--seed", "3"]  # fmt: skip
+    env = _clean_env({"OMP_NUM_THREADS": "1"})
+    one = subprocess.run([sys.executable, "-m", "spra_tools", *map(str, args), "--batch-size", "4",
+                          "-o", tmp_path / "one.spra"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "spra_tools", *map(str, args), "--batch-size", "2", "-o", tmp_path / "two.spra"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = Adapter.load(tmp_path / "one.spra"), Adapter.load(tmp_path / "two.spra")
+    assert b.provenance["steps"] == 6 and b.provenance["tokens"] == a.provenance["tokens"]
+    for name, delta in a.deltas.items():
+        assert delta.values.abs().sum() > 0
+        torch.testing.assert_close(b.deltas[name].values, delta.values, rtol=1e-3, atol=2e-5, msg=name)
