@@ -22,6 +22,7 @@ _LAZY = {
     "stack_adapters": "algebra",
     "SpraError": "errors",
     "SparseModel": "train",
+    "SparseAdamW": "train",
     "attach": "live",
     "attached": "live",
     "swap": "live",

@@ -105,6 +105,17 @@ def test_an_interrupted_run_resumes_to_a_byte_identical_adapter(workdir, tmp_pat
         train(changed, progress=False)
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(workdir, tmp_path):
+    for flag in (False, True):
+        config = _config(workdir, tmp_path / f"{flag}.spra", steps=3, gradient_checkpointing=flag, dtype="fp32")
+        train(config, progress=False)
+    plain, checkpointed = Adapter.load(tmp_path / "False.spra"), Adapter.load(tmp_path / "True.spra")
+    assert checkpointed.provenance["config"]["gradient_checkpointing"] is True
+    for name, delta in plain.deltas.items():  # recomputation changes nothing: the same values, bit for bit
+        assert delta.values.abs().sum() > 0
+        assert torch.equal(checkpointed.deltas[name].values.view(torch.int16), delta.values.view(torch.int16))
+
+
 def test_sequence_classification_learns_a_separable_task(workdir, tmp_path):
     config = _config(workdir, tmp_path / "cls.spra", task="seq-cls", data=str(workdir / "cls_train.jsonl"),
                      eval_data=str(workdir / "cls_eval.jsonl"), targets=("all-linear",), steps=60, lr=5e-3,

@@ -144,8 +144,11 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
 
     dense = _head_patterns(model) if config.task == "seq-cls" else ()
     sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
