@@ -599,7 +599,7 @@ def build_ext(kind):
 @click.option("--warmup", type=float, help="Warm-up: a fraction of the steps (< 1) or a step count. [default: 0]")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[default: cosine]")
 @click.option("--weight-decay", type=float, help="[default: 0]")
-@click.option("--max-grad-norm", type=float, help="Clip the global gradient norm. [default: 1.0]")
+@click.option("--max-grad-norm", type=float, help="Clip the global gradient norm; 0 turns clipping off. [default: 1.0]")
 @click.option("--eval-data", help="Held-out data, same format.")
 @click.option("--eval-every", type=click.IntRange(1), help="Steps between evaluations (default: at the end).")
 @click.option(

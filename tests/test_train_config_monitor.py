@@ -61,7 +61,7 @@ BAD = [
     ({"dtype": "fp16"}, "--dtype must be one of bf16, fp32"),
     ({"values_dtype": "fp16"}, "--values-dtype must be one of bf16, fp32"),
     ({"weight_decay": -1}, "--weight-decay must be >= 0"),
-    ({"max_grad_norm": 0}, "--max-grad-norm must be > 0"),
+    ({"max_grad_norm": -1}, "--max-grad-norm must be >= 0"),
     ({"betas": (0.9, 1.0)}, "--betas must both be in [0, 1)"),
     ({"betas": (0.9,)}, "--betas must be 2 numbers"),
     ({"eps": 0}, "--eps must be > 0"),

@@ -44,7 +44,7 @@ class TrainConfig:
     warmup: float = 0.0  # fraction of the steps if < 1, else a whole number of steps
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up (see schedule_factor)
     weight_decay: float = 0.0  # AdamW decoupled decay; it pulls the deltas (not the base) towards 0
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None disables clipping
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; 0 or None disables clipping
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     eval_data: str | None = None
@@ -84,7 +84,7 @@ class TrainConfig:
                 "--warmup must be a fraction in [0, 1) or a whole number of steps",
             ),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+            (self.max_grad_norm is None or self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0: no clipping)"),
             (all(0 <= b < 1 for b in self.betas), "--betas must both be in [0, 1)"),
             (self.eps > 0, "--eps must be > 0"),
             (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1"),

@@ -6,7 +6,8 @@ Causal-LM SFT or sequence classification on a Hugging Face base: the base's own 
 SparseModel (seeded support; a classification head trains densely), SparseAdamW with warm-up and a
 cosine / linear / constant schedule, gradient accumulation, evaluation and early stopping (the best
 adapter is kept), and checkpoints that make `--resume` bit-exact: master deltas, moments, the
-data position, RNG states and the evaluation bookkeeping, in safetensors + JSON (no pickle).
+data position and the evaluation bookkeeping, in safetensors + JSON (no pickle); the RNG is seeded
+per step, so a resumed step draws what the uninterrupted one did.
 Under torchrun every rank trains on its slice of each global batch; DDP all-reduces the delta
 gradients; rank 0 writes. Ctrl-C finishes the current step, writes a checkpoint and stops.
 """
@@ -150,7 +151,7 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm)
+    optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
                       rank=dist.rank, world_size=dist.world)  # fmt: skip
     total = config.total_steps(batches.steps_per_epoch)
@@ -173,7 +174,6 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
             bookkeeping, best_values = restored
             echo(f"resume: continuing from step {bookkeeping['step']}")
     start = bookkeeping["step"]
-    torch.manual_seed(config.seed + start)
 
     def evaluate(step: int) -> dict:
         metrics = _evaluate(sm, eval_data, config, tokenizer.pad_token_id, device)
@@ -191,8 +191,10 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
     with Monitor(config.log_dir, total, rank0=dist.main, echo=echo, progress=progress,
                  resume_step=start if config.resume else None) as monitor:  # fmt: skip
         step = start
+        position = batches.state_dict()  # the data position of the last completed step: what a checkpoint saves
         try:
             while step < total:
+                torch.manual_seed(config.seed * 1_000_003 + step)  # dropout etc.: the same at each step on resume
                 loss_sum, tokens = torch.zeros((), device=device), 0
                 for micro in range(config.grad_accum):
                     batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -208,6 +210,7 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bookkeeping["step"] = step
+                position = batches.state_dict()
                 if dist.world > 1:
                     torch.distributed.all_reduce(loss_sum)
                     loss_sum /= dist.world
@@ -225,21 +228,21 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
                         echo(f"early stopping at step {step}: {config.early_stopping} evaluations without improvement")
                         break
                 if config.checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
-                    _save_checkpoint(config, sm, optimizer, batches, bookkeeping, best_values, dist)
+                    _save_checkpoint(config, sm, optimizer, position, bookkeeping, best_values, dist)
                 if on_step is not None:
                     on_step(step)
         except KeyboardInterrupt:
             interrupted = True
         if interrupted:
             if config.checkpoint_dir:
-                _save_checkpoint(config, sm, optimizer, batches, bookkeeping, best_values, dist)
+                _save_checkpoint(config, sm, optimizer, position, bookkeeping, best_values, dist)
                 raise SpraError(f"interrupted after step {step}; checkpoint written: continue with --resume",
                                 config.checkpoint_dir) from None  # fmt: skip
             raise SpraError(f"interrupted after step {step} (no --checkpoint-dir, nothing saved)") from None
         if eval_data is not None and not stopped_early and (bookkeeping["best_step"] != step):
             evaluate(step)
         if config.checkpoint_dir:
-            _save_checkpoint(config, sm, optimizer, batches, bookkeeping, best_values, dist)
+            _save_checkpoint(config, sm, optimizer, position, bookkeeping, best_values, dist)
         elapsed = time.perf_counter() - t0
 
     if best_values is not None:  # the best evaluated adapter, not merely the last
@@ -315,7 +318,7 @@ def _evaluate(sm: SparseModel, data, config: TrainConfig, pad_id: int, device) -
 # --- checkpoints: safetensors for tensors, JSON for the rest -----------------------------------
 
 
-def _save_checkpoint(config, sm, optimizer, batches, bookkeeping, best_values, dist: _Dist) -> None:
+def _save_checkpoint(config, sm, optimizer, position: dict, bookkeeping, best_values, dist: _Dist) -> None:
     if not dist.main:
         return
     from safetensors.torch import save_file
@@ -329,15 +332,12 @@ def _save_checkpoint(config, sm, optimizer, batches, bookkeeping, best_values, d
             tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
         if best_values is not None:
             tensors[f"best/{name}"] = best_values[name].cpu().contiguous()
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     steps = {name: optimizer.state.get(delta, {}).get("step", 0) for name, delta, *_ in sm.sites()}
     state = {
         "config": {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE},
         "bookkeeping": bookkeeping,
         "optimizer_steps": steps,
-        "batches": batches.state_dict(),
+        "batches": position,
     }
     target = Path(config.checkpoint_dir) / "last"
     Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -381,7 +381,4 @@ def _load_checkpoint(config, sm, optimizer, batches, device):
                 best[name] = tensors[f"best/{name}"].to(device)
     sm.sync()
     batches.load_state_dict(state["batches"])
-    torch.set_rng_state(tensors["rng/cpu"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
     return state["bookkeeping"], best
