@@ -241,3 +241,23 @@ def test_torchrun_two_processes_train_the_adapter_of_one(workdir, tmp_path, devi
     for name, delta in a.deltas.items():
         assert delta.values.abs().sum() > 0
         torch.testing.assert_close(b.deltas[name].values, delta.values, rtol=1e-3, atol=2e-5, msg=name)
+
+
+def test_sparse_model_inside_trl_sft_trainer(workdir, tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
+    sm = SparseModel(model, density=0.05, seed=0, targets=["all-linear", r"lm_head\.weight$"])
+    texts = [json.loads(x)["text"] for x in (workdir / "corpus.jsonl").read_text().splitlines()]
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=30, learning_rate=1e-2,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        disable_tqdm=True, max_length=32, gradient_checkpointing_kwargs={"use_reentrant": False},
+    )  # fmt: skip
+    trainer = trl.SFTTrainer(model=sm, args=args, train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts]),
+                             processing_class=tokenizer, optimizers=(SparseAdamW(sm, lr=1e-2), None))  # fmt: skip
+    trainer.train()
+    assert model.is_gradient_checkpointing  # TRL's default, through SparseModel to the wrapped model
+    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -161,6 +161,15 @@ class SparseModel(nn.Module):
     def parameters(self, recurse: bool = True):  # only the master deltas train
         return self.deltas.parameters()
 
+    def __getattr__(self, name: str):
+        """Anything else is the wrapped model's (config, generate, ...), as trainers expect of a model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
