@@ -58,3 +58,17 @@ def _replace(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def read_yaml(path: str | os.PathLike, what: str):
+    """The YAML document at `path` (safe_load); unreadable or invalid YAML is one SpraError line
+    that names `what` the file is ("the config", "recipe")."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise SpraError(f"cannot read {what} ({e.strerror})", path) from None
+    except yaml.YAMLError as e:
+        raise SpraError(f"{what} is not valid YAML ({str(e).splitlines()[0]})", path) from None

@@ -142,7 +142,7 @@ def test_resolve_errors(tmp_path):
     bad = write(tmp_path, "base: gpt2\ndata: [unclosed\n", "bad.yaml")
     with pytest.raises(SpraError) as e:
         TrainConfig.resolve(bad, {})
-    assert str(e.value).startswith(bad + ": config is not valid YAML") and "\n" not in str(e.value)
+    assert str(e.value).startswith(bad + ": the config is not valid YAML") and "\n" not in str(e.value)
 
     for text, message in [
         ("- a\n- b\n", "config must be a mapping"),

@@ -390,16 +390,10 @@ def recipe_to_args(path) -> dict:
     """
     import os
 
-    import yaml
+    from ..fsutil import read_yaml
 
     where = os.fspath(path)
-    try:
-        with open(where, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise SpraError(f"cannot read recipe ({e.strerror})", where) from None
-    except yaml.YAMLError as e:
-        raise SpraError(f"recipe is not valid YAML ({str(e).splitlines()[0]})", where) from None
+    doc = read_yaml(where, "recipe")
 
     def bad(msg):
         return SpraError(f"bad merge recipe: {msg}", where)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from ..errors import SpraError
+from ..fsutil import read_yaml
 from ..targets import PRESETS
 
 VERSION = 1
@@ -266,15 +267,7 @@ def _canonical(d: dict, what: str, where: str | None) -> dict:
 
 
 def _load_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise SpraError(f"cannot read the config ({e.strerror})", path) from None
-    except yaml.YAMLError as e:
-        raise SpraError(f"config is not valid YAML ({str(e).splitlines()[0]})", path) from None
+    doc = read_yaml(path, "the config")
     if doc is None:
         return {}
     if not isinstance(doc, dict):
