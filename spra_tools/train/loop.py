@@ -50,7 +50,7 @@ class _Dist:
 def train(config: TrainConfig, echo=click.echo, progress: bool = True, on_step=None) -> dict:
     """Run `config`; return the summary (also printed). `on_step(step)` is called after each
     optimizer step (a KeyboardInterrupt raised there acts as Ctrl-C)."""
-    dist = _init_distributed()
+    dist = _init_distributed(config)
     try:
         return _train(config, dist, echo if dist.main else (lambda *_: None), progress, on_step)
     finally:
@@ -58,19 +58,21 @@ def train(config: TrainConfig, echo=click.echo, progress: bool = True, on_step=N
             torch.distributed.destroy_process_group()
 
 
-def _init_distributed() -> _Dist:
+def _init_distributed(config: TrainConfig) -> _Dist:
+    """torchrun's rank and world (one process: a trivial _Dist); NCCL when the run is on GPUs, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return _Dist()
     d = _Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if torch.cuda.is_available():
+    on_gpu = _device(config, d).type == "cuda"
+    if on_gpu:
         torch.cuda.set_device(d.local_rank)
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
     # Rank 0 builds a missing compiled extension first; the others then load it from the cache.
     from .. import ops
 
     if d.rank == 0:
-        for kind in {"cpu", "cuda" if torch.cuda.is_available() else "cpu"}:
+        for kind in {"cpu", "cuda" if on_gpu else "cpu"}:
             ops.backend_for(kind)
     torch.distributed.barrier()
     return d
