@@ -1,12 +1,13 @@
-"""`spra-tools demo`: train, apply, verify and extract an adapter on a tiny Llama built locally
-(no network, seconds on a CPU).
+"""`spra-tools demo`: train (with the bundled `spra-tools train` loop), apply, verify and extract
+an adapter on a tiny Llama built locally (no network, seconds on a CPU).
 
-Also home of `build_tiny_model`, which the tests use to make small random checkpoints of several
-architectures.
+Also home of `build_tiny_model` and `build_word_tokenizer`, which the tests use to make small
+random checkpoints of several architectures, with a word-level tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Iterable
@@ -76,16 +77,15 @@ the seed regenerates the indices so the file holds little more than the values .
 TRAIN_STEPS = 40
 
 
-def corpus_batch(length: int = 32) -> torch.Tensor:
-    """The embedded corpus as token ids (one id per word), cut into windows: [batch, length]."""
-    words = CORPUS.split()
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    ids = torch.tensor([vocab[w] for w in words] * 4)
-    starts = range(0, ids.numel() - length, length // 2)
-    return torch.stack([ids[s : s + length] for s in starts])
+def corpus_windows(length: int = 24, stride: int = 8) -> list[str]:
+    """The embedded corpus, repeated, cut into overlapping windows of `length` words: one text each."""
+    words = CORPUS.split() * 4
+    return [" ".join(words[s : s + length]) for s in range(0, len(words) - length, stride)]
 
 
 def run_demo(workdir: str | None, echo=print) -> dict:
+    import transformers
+
     from .adapter import Adapter
     from .algebra import diff_checkpoints
     from .checkpoint import open_checkpoint
@@ -107,26 +107,27 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         base = open_checkpoint(root / "base")
         echo(f"   {len(base.shards)} shards, {base.numel:,} parameters")
 
-        echo("2. training a seeded sparse adapter on an embedded corpus (all linear layers + lm_head, 5%)")
-        import transformers
+        echo("2. spra-tools train: a seeded sparse adapter on an embedded corpus (all linears + lm_head, 5 %)")
+        from .train.config import TrainConfig
+        from .train.data import tokenize
+        from .train.loop import train
+        from .train.monitor import read_log
 
-        from .train import SparseAdamW, SparseModel
-
-        batch = corpus_batch()
-        model = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16)
-        sm = SparseModel(model, density=0.05, seed=1234, targets=["all-linear", r"lm_head\.weight$"])
-        optimizer = SparseAdamW(sm, lr=1e-2)  # fused: updates the deltas and writes the weights
-        t0 = time.perf_counter()
-        for step in range(TRAIN_STEPS):
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if step % 10 == 0 or step == TRAIN_STEPS - 1:
-                echo(f"   step {step:>3}  loss {loss.item():.3f}")
-        timings["train"] = time.perf_counter() - t0
+        build_word_tokenizer(CORPUS.split(), root / "base")
+        windows = corpus_windows()
+        (root / "corpus.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in windows))
         seeded_path = root / "task.spra"
-        sm.save(seeded_path, overwrite=True, provenance={"steps": TRAIN_STEPS, "lr": 1e-2, "corpus": "embedded demo"})
+        config = TrainConfig(
+            base=str(root / "base"), data=str(root / "corpus.jsonl"), output=str(seeded_path), density=0.05,
+            seed=1234, targets=("all-linear", r"lm_head\.weight$"), steps=TRAIN_STEPS, lr=1e-2, batch_size=8,
+            schedule="constant", max_grad_norm=None, device="cpu", log_dir=str(root / "logs"), overwrite=True,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        train(config, echo=lambda line: echo(f"   {line}"), progress=False)
+        timings["train"] = time.perf_counter() - t0
+        for row in read_log(root / "logs" / "metrics.jsonl"):
+            if row["split"] == "train" and (row["step"] % 10 == 0 or row["step"] == 1):
+                echo(f"   step {row['step']:>3}  loss {row['loss']:.3f}")
         adapter = Adapter.load(seeded_path)
         seeded_bytes = seeded_path.stat().st_size
         n = adapter.num_values
@@ -160,6 +161,8 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         echo(f"   re-applied checkpoint bit-identical to the merged one: {identical}")
 
         echo("5. judging base and merged with transformers on the corpus")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "base")
+        batch = torch.tensor(tokenize(root / "corpus.jsonl", tokenizer, "causal-lm", 512).input_ids)  # as trained
         losses = {}
         for key in ("base", "merged"):
             model = transformers.AutoModelForCausalLM.from_pretrained(root / key, dtype=torch.float32)
