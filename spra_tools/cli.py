@@ -12,6 +12,8 @@ import sys
 
 import click
 
+from .fsutil import human_size
+
 _DEBUG = os.environ.get("SPRA_TOOLS_DEBUG") == "1"
 VALUES_DTYPES = click.Choice(["bf16", "fp16", "fp32"])
 
@@ -23,14 +25,6 @@ def _progress(ctx: click.Context) -> bool:
 def _say(ctx: click.Context, message: str) -> None:
     if not ctx.find_root().params.get("quiet"):
         click.echo(message)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _load(path: str, allow_nonfinite: bool = True):
@@ -100,7 +94,7 @@ def create(ctx, base, out, density, seed, targets, exclude, values_dtype, revisi
     size = os.path.getsize(out)
     _say(
         ctx,
-        f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors, {_human(size)}"
+        f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors, {human_size(size)}"
         f" ({size / max(1, adapter.num_values):.2f} bytes per value)",
     )
 
@@ -129,7 +123,7 @@ def info(adapter, as_json, indices_of):
     bpv = f", {d['bytes_per_value']:.2f} bytes per value" if d["bytes_per_value"] else ""
     frac = f", {d['fraction_of_model']:.4%} of the model" if d["fraction_of_model"] else ""
     base = d["base"]
-    click.echo(f"adapter     {d['path']}  ({_human(d['file_bytes'])}{bpv})")
+    click.echo(f"adapter     {d['path']}  ({human_size(d['file_bytes'])}{bpv})")
     click.echo(f"base        {base.get('name')}  revision {base.get('revision') or '-'}")
     click.echo(
         f"values      {d['values']:,} in {d['tensors']} tensors: {d['density_of_targeted']:.4%} of the targeted{frac}"
@@ -215,7 +209,7 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
     _say(
         ctx,
         f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors"
-        f"{f', {len(adapter.dense)} dense' if adapter.dense else ''}, {_human(os.path.getsize(out))}",
+        f"{f', {len(adapter.dense)} dense' if adapter.dense else ''}, {human_size(os.path.getsize(out))}",
     )
     if density is not None:
         _say(ctx, f"retained {report['retained']:.2%} of ||Δ||²")
@@ -308,7 +302,7 @@ def pull(ctx, repo_id, out, revision, overwrite):
 
     path = pull_adapter(repo_id, out, revision=revision, overwrite=overwrite, progress=_progress(ctx))
     spra = next(path.glob("*.spra"))
-    _say(ctx, f"wrote {out}: {spra.name} ({_human(spra.stat().st_size)}) from {repo_id}")
+    _say(ctx, f"wrote {out}: {spra.name} ({human_size(spra.stat().st_size)}) from {repo_id}")
 
 
 MERGE_METHODS = [

@@ -72,3 +72,12 @@ def read_yaml(path: str | os.PathLike, what: str):
         raise SpraError(f"cannot read {what} ({e.strerror})", path) from None
     except yaml.YAMLError as e:
         raise SpraError(f"{what} is not valid YAML ({str(e).splitlines()[0]})", path) from None
+
+
+def human_size(n: float) -> str:
+    """A byte count for people: "812 B", "3.4 MiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError

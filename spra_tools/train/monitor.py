@@ -29,7 +29,7 @@ import click
 import numpy as np
 
 from ..errors import SpraError
-from ..fsutil import atomic_path
+from ..fsutil import atomic_path, human_size
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
@@ -179,9 +179,9 @@ class Monitor:
         ]
         if memory is not None:
             kind = "CUDA allocated" if memory_kind == "cuda" else "process RSS"
-            lines.append(f"peak memory:  {_size(memory)} ({kind})")
+            lines.append(f"peak memory:  {human_size(memory)} ({kind})")
         if adapter is not None:
-            size = f" ({adapter_bytes:,} bytes, {_size(adapter_bytes)})" if adapter_bytes is not None else ""
+            size = f" ({adapter_bytes:,} bytes, {human_size(adapter_bytes)})" if adapter_bytes is not None else ""
             lines.append(f"adapter:      {adapter}{size}")
         if self.best is not None:
             b = self.best
@@ -290,15 +290,6 @@ def _peak_memory() -> tuple[int | None, str | None]:
         return None, None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (rss if sys.platform == "darwin" else rss * 1024), "rss"  # bytes on macOS, KiB on Linux
-
-
-def _size(n: float) -> str:
-    unit = "B"
-    for bigger in ("KiB", "MiB", "GiB"):
-        if n < 1024:
-            break
-        n, unit = n / 1024, bigger
-    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def _duration(seconds: float) -> str:
