@@ -33,6 +33,13 @@ from .sparse_model import SparseAdamW, SparseModel
 
 # Settings that may differ between a run and its resumption (they change nothing it computes).
 _RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite")
+
+
+def _settings(config: TrainConfig) -> dict:
+    """The config less `_RESUMABLE`: what a checkpoint must match and an adapter records."""
+    return {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+
+
 STATE, TENSORS = "state.json", "state.safetensors"
 
 
@@ -72,7 +79,7 @@ def _init_distributed(config: TrainConfig) -> _Dist:
     from .. import ops
 
     if d.rank == 0:
-        for kind in {"cpu", "cuda" if on_gpu else "cpu"}:
+        for kind in ("cpu", "cuda") if on_gpu else ("cpu",):
             ops.backend_for(kind)
     torch.distributed.barrier()
     return d
@@ -257,7 +264,7 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
     if train_data.id2label:
         task["id2label"] = {str(k): v for k, v in train_data.id2label.items()}
     provenance = {
-        "config": {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE},
+        "config": _settings(config),
         "steps": step,
         "tokens": bookkeeping["tokens"],
         "best_eval": None if bookkeeping["best"] is None else {"step": bookkeeping["best_step"], **bookkeeping["best"]},
@@ -325,18 +332,18 @@ def _save_checkpoint(config, sm, optimizer, position: dict, bookkeeping, best_va
         return
     from safetensors.torch import save_file
 
-    tensors = {}
+    tensors, steps = {}, {}
     for name, delta, *_ in sm.sites():
         state = optimizer.state.get(delta, {})
+        steps[name] = state.get("step", 0)
         tensors[f"delta/{name}"] = delta.detach().cpu().contiguous()
         if state:
             tensors[f"exp_avg/{name}"] = state["exp_avg"].cpu().contiguous()
             tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
         if best_values is not None:
             tensors[f"best/{name}"] = best_values[name].cpu().contiguous()
-    steps = {name: optimizer.state.get(delta, {}).get("step", 0) for name, delta, *_ in sm.sites()}
     state = {
-        "config": {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE},
+        "config": _settings(config),
         "bookkeeping": bookkeeping,
         "optimizer_steps": steps,
         "batches": position,
@@ -362,7 +369,7 @@ def _load_checkpoint(config, sm, optimizer, batches, device):
     except (OSError, ValueError, SafetensorError) as e:
         raise SpraError(f"cannot read the checkpoint ({e.__class__.__name__}: {str(e)[:100]})", where) from None
     saved = state.get("config", {})
-    current = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+    current = _settings(config)
     changed = sorted(k for k in current if saved.get(k) != current[k])
     if changed:
         raise SpraError(f"the checkpoint was made with different settings ({', '.join(changed)}); "
