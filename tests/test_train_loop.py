@@ -180,6 +180,28 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(workdir, tmp_path, call_c
         assert not (tmp_path / "out.spra").exists()
 
 
+def test_a_damaged_checkpoint_fails_in_one_line_and_writes_nothing(workdir, tmp_path, call_cli):
+    args = ["train", workdir / "base", "--data", workdir / "corpus.jsonl", "--steps", "2", "--device", "cpu",
+            "--checkpoint-dir", tmp_path / "ck"]  # fmt: skip
+    rc, _, err = call_cli(*args, "-o", tmp_path / "first.spra")
+    assert rc == 0, err
+    last = tmp_path / "ck" / "last"
+    state = json.loads((last / "state.json").read_text())
+    tensors = (last / "state.safetensors").read_bytes()
+    damages = [
+        ("state.safetensors", tensors[: len(tensors) // 2], "cannot read the checkpoint"),
+        ("state.json", "[1, 2]", "is not an object"),
+        ("state.json", json.dumps({k: v for k, v in state.items() if k != "batches"}), "incomplete or damaged"),
+    ]
+    for name, content, needle in damages:
+        (last / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        rc, _, err = call_cli(*args, "--resume", "-o", tmp_path / "again.spra")
+        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not (tmp_path / "again.spra").exists()
+        (last / "state.json").write_text(json.dumps(state))
+        (last / "state.safetensors").write_bytes(tensors)
+
+
 def test_early_stopping_keeps_the_best_adapter(workdir, tmp_path):
     # A learning rate far too high: the evaluation loss soon gets worse, and training stops.
     config = _config(workdir, tmp_path / "e.spra", lr=3.0, steps=40, eval_data=str(workdir / "corpus.jsonl"),

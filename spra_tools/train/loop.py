@@ -368,12 +368,24 @@ def _load_checkpoint(config, sm, optimizer, batches, device):
         tensors = load_file(str(where / TENSORS))
     except (OSError, ValueError, SafetensorError) as e:
         raise SpraError(f"cannot read the checkpoint ({e.__class__.__name__}: {str(e)[:100]})", where) from None
+    if not isinstance(state, dict):
+        raise SpraError(f"the checkpoint's {STATE} is not an object", where)
     saved = state.get("config", {})
     current = _settings(config)
     changed = sorted(k for k in current if saved.get(k) != current[k])
     if changed:
         raise SpraError(f"the checkpoint was made with different settings ({', '.join(changed)}); "
                         "resume with the same ones", where)  # fmt: skip
+    try:
+        return _restore(state, tensors, sm, optimizer, batches, device)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # damaged: the run stops here
+        raise SpraError(f"the checkpoint is incomplete or damaged ({e.__class__.__name__}: {str(e)[:100]})",
+                        where) from None  # fmt: skip
+
+
+def _restore(state: dict, tensors: dict, sm, optimizer, batches, device) -> tuple[dict, dict | None]:
+    """Load a checkpoint's deltas, moments and data position; return its bookkeeping and the best
+    deltas, if kept."""
     best = None
     with torch.no_grad():
         for name, delta, *_ in sm.sites():
@@ -390,4 +402,4 @@ def _load_checkpoint(config, sm, optimizer, batches, device):
                 best[name] = tensors[f"best/{name}"].to(device)
     sm.sync()
     batches.load_state_dict(state["batches"])
-    return state["bookkeeping"], best
+    return dict(state["bookkeeping"]), best
