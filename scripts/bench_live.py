@@ -21,6 +21,7 @@ import transformers
 import spra_tools
 from spra_tools import ops
 from spra_tools.adapter import Adapter, TensorDelta, fingerprints
+from spra_tools.dtypes import bit_view
 from spra_tools.support import SeededSupport
 from spra_tools.targets import select
 
@@ -99,11 +100,7 @@ def main():
     while state["n"] < args.swaps and time.perf_counter() < t_end:
         swap()
     state["h"].detach()
-    exact = all(
-        torch.equal(p.detach().view(torch.int16), base[n].view(torch.int16))
-        for n, p in model.named_parameters()
-        if n in base
-    )
+    exact = all(torch.equal(bit_view(p), bit_view(base[n])) for n, p in model.named_parameters() if n in base)
 
     # Reloading: the adapted weights copied back from host memory (a lower bound on reloading the model).
     host = {n: t.cpu() for n, t in base.items()}

@@ -17,35 +17,10 @@ import torch
 
 from . import format as fmt
 from . import ops
+from .dtypes import TORCH_DTYPES, dtype_name, from_raw, raw_bits
 from .errors import SpraError
 from .fsutil import atomic_path
 from .support import ExplicitSupport, Support
-
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-CLI_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-_UNSIGNED = {torch.int32: np.uint32, torch.int16: np.uint16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        raise SpraError(f"unsupported weight dtype {dtype} (need float32, bfloat16 or float16)") from None
-
-
-def raw_bits(t: torch.Tensor) -> np.ndarray:
-    """The raw bits of a float tensor as an unsigned numpy array (bf16/fp16 -> uint16, fp32 -> uint32)."""
-    bits = _BITS[t.dtype]
-    return t.detach().contiguous().view(bits).cpu().numpy().view(_UNSIGNED[bits])
-
-
-def from_raw(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """A torch tensor over a container's raw elements (bf16 arrives as uint16)."""
-    torch_dtype = TORCH_DTYPES[dtype]
-    ints = np.ascontiguousarray(array).view(np.int32 if torch_dtype == torch.float32 else np.int16)
-    return torch.from_numpy(ints).view(torch_dtype)
 
 
 def fingerprints(base_values: torch.Tensor) -> dict[str, str]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import format as fmt
+from .dtypes import DTYPE_NAMES, TORCH_DTYPES
 from .errors import FormatError, SpraError
 from .fsutil import atomic_path
 from .hub import REPO_ID, hub_errors
@@ -30,14 +31,6 @@ SINGLE = "model.safetensors"
 # Weight files of other formats are not copied: they would disagree with the written weights.
 _SKIP = re.compile(r"(\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|tflite)|\.index\.json)$")
 _HUB_ID = re.compile(rf"^{REPO_ID}(@[\w./-]+)?$")  # org/name[@revision]
-
-TORCH_DTYPES = {
-    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}  # fmt: skip
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass

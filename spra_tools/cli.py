@@ -12,10 +12,11 @@ import sys
 
 import click
 
+from .format import SHORT_DTYPES
 from .fsutil import human_size
 
 _DEBUG = os.environ.get("SPRA_TOOLS_DEBUG") == "1"
-VALUES_DTYPES = click.Choice(["bf16", "fp16", "fp32"])
+VALUES_DTYPES = click.Choice(list(SHORT_DTYPES))
 
 
 def _progress(ctx: click.Context) -> bool:
@@ -84,12 +85,11 @@ def create(ctx, base, out, density, seed, targets, exclude, values_dtype, revisi
     \b
     Example:  spra-tools create ./llama -o task.spra --density 0.001 --seed 7 --targets all-linear
     """
-    from .adapter import CLI_DTYPES
     from .checkpoint import open_checkpoint
     from .surgery import create_adapter
 
     ckpt = open_checkpoint(base, revision)
-    adapter = create_adapter(ckpt, density, seed, targets, exclude, CLI_DTYPES[values_dtype], _progress(ctx))
+    adapter = create_adapter(ckpt, density, seed, targets, exclude, SHORT_DTYPES[values_dtype], _progress(ctx))
     adapter.save(out, overwrite)
     size = os.path.getsize(out)
     _say(
@@ -186,7 +186,6 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
     \b
     Example:  spra-tools diff ./llama ./llama-sft -o sft.spra --density 0.01
     """
-    from .adapter import CLI_DTYPES
     from .algebra import diff_checkpoints
     from .checkpoint import open_checkpoint
     from .fsutil import atomic_path, check_output
@@ -198,7 +197,7 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
         density,
         targets,
         exclude,
-        CLI_DTYPES[values_dtype],
+        SHORT_DTYPES[values_dtype],
         _progress(ctx),
     )
     adapter.save(out, overwrite)
@@ -392,13 +391,14 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
     \b
     Example:  spra-tools stack ./llama a.spra b.spra -o ab.spra
     """
-    from .adapter import CLI_DTYPES
     from .algebra.stack import stack_adapters
     from .checkpoint import open_checkpoint
     from .fsutil import check_output
 
     check_output(out, overwrite)
-    stacked = stack_adapters(open_checkpoint(base), [(p, _load(p, False)) for p in adapters], CLI_DTYPES[values_dtype])
+    stacked = stack_adapters(
+        open_checkpoint(base), [(p, _load(p, False)) for p in adapters], SHORT_DTYPES[values_dtype]
+    )
     stacked.save(out, overwrite)
     _say(
         ctx,

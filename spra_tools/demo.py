@@ -89,6 +89,7 @@ def run_demo(workdir: str | None, echo=print) -> dict:
     from .adapter import Adapter
     from .algebra import diff_checkpoints
     from .checkpoint import open_checkpoint
+    from .dtypes import bit_view
     from .surgery import apply_adapter, verify_adapter
 
     with tempfile.TemporaryDirectory(prefix="spra-demo-") as tmp:
@@ -155,9 +156,7 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         extracted.save(extracted_path, overwrite=True)
         apply_adapter(base, [(str(extracted_path), Adapter.load(extracted_path))], root / "reapplied", overwrite=True)
         reapplied = open_checkpoint(root / "reapplied")
-        identical = all(
-            torch.equal(merged.read(k).view(torch.int16), reapplied.read(k).view(torch.int16)) for k in merged.names()
-        )
+        identical = all(torch.equal(bit_view(merged.read(k)), bit_view(reapplied.read(k))) for k in merged.names())
         echo(f"   re-applied checkpoint bit-identical to the merged one: {identical}")
 
         echo("5. judging base and merged with transformers on the corpus")

@@ -29,7 +29,8 @@ METADATA_KEY = "spra"
 MAX_HEADER = 100 << 20  # the safetensors limit
 MAX_DIMS = 8
 
-# safetensors dtype name -> (bytes per element, numpy dtype carrying the raw bits)
+# safetensors dtype name -> (bytes per element, numpy dtype carrying the raw bits). Every dtype a
+# checkpoint may hold; dtypes.TORCH_DTYPES is its torch side, checked against it.
 DTYPES: dict[str, tuple[int, np.dtype]] = {
     "BOOL": (1, np.dtype(np.bool_)),
     "U8": (1, np.dtype(np.uint8)),
@@ -47,9 +48,11 @@ DTYPES: dict[str, tuple[int, np.dtype]] = {
     "U64": (8, np.dtype("<u8")),
     "F64": (8, np.dtype("<f8")),
 }
+# The dtypes an adapter may hold: of its base tensors, its values, its dense tensors, its fingerprints.
 FLOAT_DTYPES = ("F32", "BF16", "F16")
+# How users spell them (`--values-dtype`, training configs).
+SHORT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _HEX16 = re.compile(r"[0-9a-f]{16}")
-VALUE_DTYPES = ("BF16", "F16", "F32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +392,8 @@ def _read_record(c: Container, f: BinaryIO, i: int, entry) -> TensorRecord:
     else:
         raise bad(f"unknown support {spec!r}")
     vinfo = c.tensors.get(VALUES + name)
-    if vinfo is None or vinfo.dtype not in VALUE_DTYPES or vinfo.shape != (count,):
-        raise bad(f"values tensor must be one of {', '.join(VALUE_DTYPES)} with shape [{count}]")
+    if vinfo is None or vinfo.dtype not in FLOAT_DTYPES or vinfo.shape != (count,):
+        raise bad(f"values tensor must be one of {', '.join(FLOAT_DTYPES)} with shape [{count}]")
     values = c.read_array(VALUES + name, f)
     return TensorRecord(name, tuple(shape), dtype, support, values, vinfo.dtype, fp)
 

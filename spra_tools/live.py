@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .adapter import TORCH_DTYPES, Adapter, dtype_name
+from .adapter import Adapter
+from .dtypes import TORCH_DTYPES, dtype_name
 from .errors import MismatchError, SpraError
 from .support import SeededSupport
 

@@ -7,7 +7,8 @@ import platform
 
 import torch
 
-from .adapter import Adapter, dtype_name
+from .adapter import Adapter
+from .dtypes import dtype_name
 from .support import SeededSupport
 
 

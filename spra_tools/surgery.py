@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .adapter import TORCH_DTYPES, Adapter, TensorDelta, dtype_name, fingerprints
+from .adapter import Adapter, TensorDelta, fingerprints
 from .checkpoint import Checkpoint, write_checkpoint
+from .dtypes import TORCH_DTYPES, dtype_name
 from .errors import MismatchError, SpraError
 from .support import SeededSupport
 from .targets import select

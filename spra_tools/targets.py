@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 
 from .errors import SpraError
+from .format import FLOAT_DTYPES
 
 _W = r"\.weight$"
 _VO = (
@@ -32,7 +33,6 @@ _EMBED_OR_HEAD = re.compile(
 )
 
 PRESETS = ("vo", "attn", "mlp", "all-linear", "all")
-FLOATS = ("F32", "BF16", "F16")
 
 
 def _preset_matcher(preset: str):
@@ -75,7 +75,7 @@ def select(
     chosen = [
         name
         for name, dtype, shape in tensors
-        if dtype in FLOATS and any(m(name, shape) for m in matchers) and not any(e.search(name) for e in excludes)
+        if dtype in FLOAT_DTYPES and any(m(name, shape) for m in matchers) and not any(e.search(name) for e in excludes)
     ]
     if not chosen:
         raise SpraError(f"no floating-point tensor matches --targets {' '.join(targets)}", where)

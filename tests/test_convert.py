@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tiny import bits, fine_tune
+from tiny import fine_tune
 
 from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
 from spra_tools.algebra.convert import lora_to_sparse, read_peft_sparta, write_peft_sparta
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
+from spra_tools.dtypes import bit_view
 from spra_tools.errors import SpraError
 from spra_tools.surgery import apply_adapter
 
@@ -48,7 +49,7 @@ def _model_state(model) -> dict[str, torch.Tensor]:
 
 def _assert_equal_to_checkpoint(params: dict[str, torch.Tensor], ckpt) -> None:
     for name, p in params.items():
-        assert torch.equal(bits(p.contiguous()), bits(ckpt.read(name))), name
+        assert torch.equal(bit_view(p.contiguous()), bit_view(ckpt.read(name))), name
 
 
 def test_round_trip_is_exact(pair, tmp_path):
@@ -60,13 +61,13 @@ def test_round_trip_is_exact(pair, tmp_path):
     for name, d in adapter.deltas.items():
         b = back.deltas[name]
         assert torch.equal(b.indices(), d.indices()), name
-        assert torch.equal(bits(b.values), bits(d.values.float())), name
+        assert torch.equal(bit_view(b.values), bit_view(d.values.float())), name
         assert b.fingerprint == d.fingerprint
     apply_adapter(base, [("a", adapter)], tmp_path / "ours", overwrite=True)
     apply_adapter(base, [("b", back)], tmp_path / "back", overwrite=True)
     ours, theirs = open_checkpoint(tmp_path / "ours"), open_checkpoint(tmp_path / "back")
     for name in base.names():
-        assert torch.equal(bits(ours.read(name)), bits(theirs.read(name))), name
+        assert torch.equal(bit_view(ours.read(name)), bit_view(theirs.read(name))), name
 
 
 class _LoadAs:
@@ -113,7 +114,7 @@ def test_unpatched_loader_rounds_an_fp32_base_to_bf16(pair, tmp_path):
             flat = expect.reshape(-1)
             idx = d.indices()
             flat[idx] = (flat[idx].float() + d.values.float()).to(torch.bfloat16)
-        assert p.dtype == torch.bfloat16 and torch.equal(bits(p), bits(expect)), name
+        assert p.dtype == torch.bfloat16 and torch.equal(bit_view(p), bit_view(expect)), name
 
 
 @needs_sparta

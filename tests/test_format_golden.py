@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 from spra_tools import format as fmt
-from spra_tools.adapter import Adapter, TensorDelta, explicit_delta, fingerprints, raw_bits
+from spra_tools.adapter import Adapter, TensorDelta, explicit_delta, fingerprints
+from spra_tools.dtypes import raw_bits
 from spra_tools.support import ExplicitSupport, SeededSupport
 
 GOLDEN_SHA256 = "4fedf6d6200dfcc35f83ea35b9ef81de9e87d5a4b4454216c8e04532c3170d7c"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from spra_tools import ops
+from spra_tools.dtypes import bit_view
 from spra_tools.ops import extension
 from spra_tools.ops.library import DEFAULTS, as_key
 from spra_tools.support import SeededSupport, tensor_key
@@ -38,10 +39,6 @@ def compiled(request, monkeypatch):
     if status != "ok":
         pytest.skip(f"{device} extension unavailable: {status}")
     monkeypatch.setenv("SPRA_BACKEND", device)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _gen(*key) -> torch.Generator:
@@ -117,17 +114,17 @@ def test_seeded_apply_gather_restore_match_the_reference(device, dtype, values_d
 
     original = ops.apply_seeded(weights, sups, values, scale)
     expected_original = DEFAULTS["seeded_apply"](expected, keys, densities, values, scale, True)
-    assert torch.equal(_bits(original), _bits(expected_original))
+    assert torch.equal(bit_view(original), bit_view(expected_original))
     for w, e in zip(weights, expected):
-        assert torch.equal(_bits(w), _bits(e))
+        assert torch.equal(bit_view(w), bit_view(e))
     assert torch.equal(
-        _bits(ops.gather_seeded(weights, sups)), _bits(DEFAULTS["seeded_gather"](expected, keys, densities))
+        bit_view(ops.gather_seeded(weights, sups)), bit_view(DEFAULTS["seeded_gather"](expected, keys, densities))
     )
 
     before = [w.clone() for w in weights]
     ops.restore_seeded(weights, sups, original)
-    assert not all(torch.equal(_bits(w), _bits(b)) for w, b in zip(weights, before))
-    assert torch.equal(_bits(ops.gather_seeded(weights, sups)), _bits(original))
+    assert not all(torch.equal(bit_view(w), bit_view(b)) for w, b in zip(weights, before))
+    assert torch.equal(bit_view(ops.gather_seeded(weights, sups)), bit_view(original))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -141,11 +138,11 @@ def test_explicit_ops_match_the_reference(device, dtype, values_dtype):
     expected = w.clone()
     DEFAULTS["scatter_apply"](expected, idx, v, 2.5)
     original = ops.gather(w, idx)
-    assert torch.equal(_bits(original), _bits(DEFAULTS["gather"](w, idx)))
+    assert torch.equal(bit_view(original), bit_view(DEFAULTS["gather"](w, idx)))
     ops.scatter_apply(w, idx, v, 2.5)
-    assert torch.equal(_bits(w), _bits(expected))
+    assert torch.equal(bit_view(w), bit_view(expected))
     ops.restore(w, idx, original)
-    assert torch.equal(_bits(ops.gather(w, idx)), _bits(original))
+    assert torch.equal(bit_view(ops.gather(w, idx)), bit_view(original))
 
 
 @pytest.mark.parametrize("device", DEVICES)

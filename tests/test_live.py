@@ -14,12 +14,9 @@ from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
+from spra_tools.dtypes import bit_view
 from spra_tools.errors import MismatchError
 from spra_tools.surgery import apply_adapter, create_adapter
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -27,7 +24,7 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def _same(model, snapshot) -> bool:
-    return all(torch.equal(_bits(p), _bits(snapshot[n])) for n, p in model.named_parameters())
+    return all(torch.equal(bit_view(p), bit_view(snapshot[n])) for n, p in model.named_parameters())
 
 
 def _adapter(base_dir, seed, density=0.05, targets=("all-linear",), values_seed=0) -> Adapter:

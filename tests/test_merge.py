@@ -17,13 +17,10 @@ from spra_tools.adapter import Adapter, TensorDelta
 from spra_tools.algebra.merge import merge_adapters, recipe_to_args
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
+from spra_tools.dtypes import bit_view
 from spra_tools.errors import SpraError
 from spra_tools.support import ExplicitSupport, SeededSupport, fnv1a64
 from spra_tools.surgery import apply_adapter, create_adapter
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 @pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -126,7 +123,7 @@ def test_methods_match_numpy_reference(base, method, weights, density, shared):
         assert isinstance(d.support, SeededSupport) == shared
     again, _ = merge_adapters(adapters, method, weights, density, seed=3, base=base)
     for name, d in merged.deltas.items():
-        assert torch.equal(_bits(d.values), _bits(again.deltas[name].values)), "same seed, same result"
+        assert torch.equal(bit_view(d.values), bit_view(again.deltas[name].values)), "same seed, same result"
     assert merged.provenance["merge_method"] == CANON.get(method, method)
 
 
@@ -153,7 +150,7 @@ def test_disjoint_sum_equals_sequential_apply(base, tmp_path):
     apply_adapter(base, [("a", a), ("b", b), ("c", c)], tmp_path / "seq")
     got, want = open_checkpoint(tmp_path / "merged"), open_checkpoint(tmp_path / "seq")
     for name in base.names():
-        assert torch.equal(_bits(got.read(name)), _bits(want.read(name))), name
+        assert torch.equal(bit_view(got.read(name)), bit_view(want.read(name))), name
 
 
 def test_overlapping_sum_matches_fp32_reference(base, tmp_path):
@@ -166,7 +163,7 @@ def test_overlapping_sum_matches_fp32_reference(base, tmp_path):
         w = base.read(name).reshape(-1)
         want = (w.float() + torch.from_numpy(combined).to(d.values.dtype).float()).to(w.dtype)
         idx = d.indices()
-        assert torch.equal(_bits(out.read(name).reshape(-1)[idx]), _bits(want[idx])), name
+        assert torch.equal(bit_view(out.read(name).reshape(-1)[idx]), bit_view(want[idx])), name
 
 
 @settings(max_examples=15, deadline=None)
@@ -175,7 +172,7 @@ def test_sum_is_order_independent(base_adapters, order):
     adapters, expect = base_adapters
     merged, _ = merge_adapters([adapters[i] for i in order])
     for name, d in expect.deltas.items():
-        assert torch.equal(_bits(merged.deltas[name].values), _bits(d.values)), name
+        assert torch.equal(bit_view(merged.deltas[name].values), bit_view(d.values)), name
 
 
 @pytest.fixture(scope="module")

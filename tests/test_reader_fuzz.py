@@ -118,7 +118,7 @@ def _check_sane(c: fmt.Container, s: fmt.SpraFile | None) -> None:
         count = r.support.count
         assert 0 <= count <= numel < sup.MAX_NUMEL
         assert r.values.shape == (count,)
-        assert r.values_dtype in fmt.VALUE_DTYPES and r.dtype in fmt.FLOAT_DTYPES
+        assert r.values_dtype in fmt.FLOAT_DTYPES and r.dtype in fmt.FLOAT_DTYPES
         if isinstance(r.support, sup.SeededSupport):
             assert r.support.numel == numel
         # (seeded supports of huge tensors are not regenerated here: that is the generator's cost)
@@ -343,7 +343,7 @@ def _resize_values(header: dict, body: bytes, name: str, count: int) -> tuple[di
     """Make the values tensor of `name` hold `count` elements (so the reader gets further)."""
     key = fmt.VALUES + name
     entry = header.get(key)
-    if not (isinstance(entry, dict) and entry.get("dtype") in fmt.VALUE_DTYPES and 0 <= count <= 4096):
+    if not (isinstance(entry, dict) and entry.get("dtype") in fmt.FLOAT_DTYPES and 0 <= count <= 4096):
         return header, body
     size = fmt.DTYPES[entry["dtype"]][0]
     b, e = entry["data_offsets"]

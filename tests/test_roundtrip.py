@@ -12,13 +12,14 @@ import json
 import pytest
 import torch
 import transformers
-from tiny import bits, fine_tune
+from tiny import fine_tune
 
 from spra_tools import ops
 from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
 from spra_tools.checkpoint import INDEX, open_checkpoint
 from spra_tools.demo import build_tiny_model
+from spra_tools.dtypes import DTYPE_NAMES, bit_view
 from spra_tools.surgery import apply_adapter, create_adapter, verify_adapter
 
 CASES = [
@@ -52,7 +53,7 @@ def test_diff_apply_reproduces_tuned_bit_exactly(pair):
     out = open_checkpoint(root / "out")
     assert out.names() == tuned.names()
     for name in tuned.names():
-        assert torch.equal(bits(out.read(name)), bits(tuned.read(name))), name
+        assert torch.equal(bit_view(out.read(name)), bit_view(tuned.read(name))), name
     # Same shard names and index layout as the input; side files copied.
     assert [p.name for p in (root / "out").glob("*.safetensors")] == [
         p.name for p in (root / "base").glob("*.safetensors")
@@ -84,7 +85,7 @@ def test_zero_adapter_and_restore_leave_base_exact(pair):
     apply_adapter(base, [("zero", adapter)], root / "zero", overwrite=True)
     same = open_checkpoint(root / "zero")
     for name in base.names():
-        assert torch.equal(bits(same.read(name)), bits(base.read(name))), name
+        assert torch.equal(bit_view(same.read(name)), bit_view(base.read(name))), name
     # Random values applied and then restored from the gathered originals: the base bit for bit.
     gen = torch.Generator().manual_seed(5)
     for name, d in adapter.deltas.items():
@@ -92,9 +93,9 @@ def test_zero_adapter_and_restore_leave_base_exact(pair):
         idx = d.indices()
         original = ops.gather(w, idx)
         ops.scatter_apply(w, idx, torch.randn(d.count, generator=gen).to(torch.bfloat16), scale=0.7)
-        assert not torch.equal(bits(w), bits(base.read(name)))
+        assert not torch.equal(bit_view(w), bit_view(base.read(name)))
         ops.restore(w, idx, original)
-        assert torch.equal(bits(w), bits(base.read(name))), name
+        assert torch.equal(bit_view(w), bit_view(base.read(name))), name
 
 
 def test_density_diff_keeps_largest_changes(pair):
@@ -127,10 +128,7 @@ def test_apply_to_tensors_not_aligned_for_their_dtype(tmp_path):
     with open(tmp_path / "base.safetensors", "wb") as f:
         fmt.write_container(
             f,
-            [
-                (n, {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype], bits(t).numpy())
-                for n, t in tensors.items()
-            ],
+            [(n, DTYPE_NAMES[t.dtype], bit_view(t).numpy()) for n, t in tensors.items()],
             None,
         )
     base = open_checkpoint(tmp_path / "base.safetensors")
@@ -144,5 +142,5 @@ def test_apply_to_tensors_not_aligned_for_their_dtype(tmp_path):
     for name, d in adapter.deltas.items():
         expected = tensors[name].clone()
         ops.scatter_apply(expected, d.indices(), d.values)
-        assert torch.equal(bits(out.read(name)), bits(expected)), name
-        assert not np.array_equal(bits(expected).numpy(), bits(tensors[name]).numpy())
+        assert torch.equal(bit_view(out.read(name)), bit_view(expected)), name
+        assert not np.array_equal(bit_view(expected).numpy(), bit_view(tensors[name]).numpy())

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from tiny import bits
 
 from spra_tools import ops
 from spra_tools.adapter import Adapter
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
+from spra_tools.dtypes import bit_view
 from spra_tools.surgery import apply_adapter
 from spra_tools.train import SparseAdamW, SparseModel
 
@@ -181,7 +181,7 @@ def test_sparse_adamw_matches_torch_adamw_and_writes_the_weights(tmp_path):
     # The fused step wrote W = cast(W0 + delta) itself: a sync changes nothing.
     before = {n: p.detach().clone() for n, p in fused_model.named_parameters()}
     fused.sync()
-    assert all(torch.equal(bits(p.detach()), bits(before[n])) for n, p in fused_model.named_parameters())
+    assert all(torch.equal(bit_view(p.detach()), bit_view(before[n])) for n, p in fused_model.named_parameters())
 
 
 def test_adamw_op_is_the_reference_math_on_every_backend():
@@ -203,7 +203,7 @@ def test_adamw_op_is_the_reference_math_on_every_backend():
                 scale = torch.tensor([0.7], device=device)
                 ops.adamw_step(w, indices, originals, deltas, grads, m, v, lr=1e-2, betas=(0.9, 0.99), eps=1e-8,
                                weight_decay=0.05, step=3, grad_scale=scale)  # fmt: skip
-                results.append([bits(x) for x in (*w, *deltas, *m, *v)])
+                results.append([bit_view(x) for x in (*w, *deltas, *m, *v)])
             finally:
                 os.environ.pop("SPRA_BACKEND")
         assert all(torch.equal(x, y) for x, y in zip(*results)), device
@@ -232,13 +232,13 @@ def test_training_lowers_the_loss_and_save_merged_restore_are_exact(tmp_path):
     apply_adapter(open_checkpoint(tmp_path / "base"), [("t", adapter)], tmp_path / "merged")
     merged = _load(tmp_path / "merged")
     for (n, p), (_, q) in zip(model.named_parameters(), merged.named_parameters()):
-        assert torch.equal(bits(p.detach()), bits(q.detach())), n
+        assert torch.equal(bit_view(p.detach()), bit_view(q.detach())), n
     sm.restore()
-    assert all(torch.equal(bits(p.detach()), bits(base[n])) for n, p in model.named_parameters())
+    assert all(torch.equal(bit_view(p.detach()), bit_view(base[n])) for n, p in model.named_parameters())
     plain = sm.merged()  # re-applies the deltas and unpatches the layers
     assert all(p.requires_grad for p in plain.parameters())
     for (n, p), (_, q) in zip(plain.named_parameters(), merged.named_parameters()):
-        assert torch.equal(bits(p.detach()), bits(q.detach())), n
+        assert torch.equal(bit_view(p.detach()), bit_view(q.detach())), n
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, merged(input_ids=ids).logits)
 

@@ -10,13 +10,10 @@ from spra_tools.adapter import Adapter, TensorDelta
 from spra_tools.algebra.stack import compact_adapter, compare_adapters, reseed_adapter, stack_adapters
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
+from spra_tools.dtypes import bit_view
 from spra_tools.errors import MismatchError, SpraError
 from spra_tools.support import ExplicitSupport
 from spra_tools.surgery import apply_adapter, create_adapter
-
-
-def _bits(t):
-    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def _random_values(adapter, seed, scale=0.05):
@@ -35,7 +32,7 @@ def base(request, tmp_path_factory):
 
 def _same_checkpoints(a, b):
     a, b = open_checkpoint(a), open_checkpoint(b)
-    return a.names() == b.names() and all(torch.equal(_bits(a.read(n)), _bits(b.read(n))) for n in a.names())
+    return a.names() == b.names() and all(torch.equal(bit_view(a.read(n)), bit_view(b.read(n))) for n in a.names())
 
 
 @pytest.mark.parametrize("chained", [False, True])

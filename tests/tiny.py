@@ -5,11 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a tensor, for bit-for-bit comparisons."""
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 def fine_tune(model, seed: int) -> None:
     """Stand-in for training: change a random 3% of the elements of every parameter."""
     gen = torch.Generator().manual_seed(seed)

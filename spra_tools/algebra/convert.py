@@ -33,6 +33,7 @@ from .. import ops
 from ..adapter import Adapter, TensorDelta, explicit_delta, fingerprints
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import FormatError, SpraError
+from ..format import FLOAT_DTYPES
 from ..fsutil import atomic_path
 from ..support import ExplicitSupport, seeded_count
 
@@ -206,7 +207,7 @@ def read_peft_sparta(path: str | os.PathLike, base: Checkpoint) -> Adapter:
             continue
         if target in adapter_deltas:
             raise FormatError(f"parameters map twice to the base tensor {target!r}", where)
-        if info.dtype not in ("F32", "BF16", "F16"):
+        if info.dtype not in FLOAT_DTYPES:
             raise SpraError(f"base tensor {target!r} has dtype {info.dtype}; only float weights can be adapted", where)
         gathered = ops.gather(w, torch.from_numpy(flat))
         adapter_deltas[target] = explicit_delta(target, shape, w.dtype, flat, values, gathered)
@@ -251,9 +252,7 @@ def write_peft_sparta(
     names = list(adapter.deltas)
     if base is not None:
         names += [
-            n
-            for n in base.names()
-            if n not in adapter.deltas and n != HEAD and base.info(n).dtype in ("F32", "BF16", "F16")
+            n for n in base.names() if n not in adapter.deltas and n != HEAD and base.info(n).dtype in FLOAT_DTYPES
         ]
     for name in names:
         if name in adapter.deltas:

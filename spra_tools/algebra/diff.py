@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..adapter import TORCH_DTYPES, Adapter, explicit_delta
+from ..adapter import Adapter, explicit_delta
 from ..checkpoint import Checkpoint
+from ..dtypes import TORCH_DTYPES, bit_view
 from ..errors import SpraError
 from ..support import seeded_count
 from ..targets import select
@@ -25,11 +26,7 @@ _STEPS = 2
 def _lands(w: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Mask of elements where applying v to w gives exactly t (compared bit for bit)."""
     got = (w.to(torch.float32) + v.to(torch.float32)).to(w.dtype)
-    return _bits(got) == _bits(t)
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.int32 if x.element_size() == 4 else torch.int16)
+    return bit_view(got) == bit_view(t)
 
 
 def exact_values(w: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -86,7 +83,7 @@ def diff_checkpoints(
             continue
         w = base.view(name)
         flat_w, flat_t = w.reshape(-1), t.reshape(-1)
-        changed = torch.nonzero(_bits(flat_w) != _bits(flat_t)).squeeze(1)
+        changed = torch.nonzero(bit_view(flat_w) != bit_view(flat_t)).squeeze(1)
         if changed.numel() == 0:
             continue
         delta = flat_t[changed].to(torch.float32) - flat_w[changed].to(torch.float32)

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..adapter import Adapter, TensorDelta, dtype_name, fingerprints
+from ..adapter import Adapter, TensorDelta, fingerprints
 from ..checkpoint import Checkpoint
+from ..dtypes import bit_view, dtype_name
 from ..errors import SpraError
 from ..support import ExplicitSupport, SeededSupport, Support, fnv1a64
 
@@ -365,7 +366,9 @@ def _merge_dense(adapters: list[Adapter], deltas: dict, names) -> dict[str, torc
         for tname, t in a.dense.items():
             if tname in deltas:
                 raise SpraError(f"tensor {tname!r} is dense in {_label(names, i)} but sparse in another adapter")
-            if tname in dense and not (dense[tname].dtype == t.dtype and torch.equal(_bits(dense[tname]), _bits(t))):
+            if tname in dense and not (
+                dense[tname].dtype == t.dtype and torch.equal(bit_view(dense[tname]), bit_view(t))
+            ):
                 raise SpraError(f"dense tensor {tname!r} differs between adapters: cannot merge replacements")
             dense.setdefault(tname, t)
     return dense
@@ -467,10 +470,6 @@ def _recipe_params(params, where: str, bad) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(f"{where}.{key} must be a number (per-layer lists and filters are not supported)")
     return {k: float(v) for k, v in params.items()}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 __all__ = ["ALIASES", "METHODS", "canonical_method", "dare_keep", "magnitude_keep", "merge_adapters", "recipe_to_args"]

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..adapter import TORCH_DTYPES, Adapter, TensorDelta, explicit_delta, fingerprints
+from ..adapter import Adapter, TensorDelta, explicit_delta, fingerprints
 from ..checkpoint import Checkpoint
+from ..dtypes import TORCH_DTYPES
 from ..errors import MismatchError, SpraError
 from ..support import ExplicitSupport, SeededSupport
 from .diff import exact_values

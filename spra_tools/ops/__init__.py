@@ -264,7 +264,7 @@ def fingerprint(values: torch.Tensor) -> str:
 def fingerprint_many(values: torch.Tensor, counts: list[int]) -> list[str]:
     """fingerprint() of each consecutive segment of `values` (lengths `counts`), in one pass."""
     if values.device.type == "cpu":
-        from ..adapter import raw_bits
+        from ..dtypes import raw_bits
         from ..format import fingerprint as numpy_fingerprint
 
         bits, out, offset = raw_bits(values), [], 0
@@ -276,12 +276,13 @@ def fingerprint_many(values: torch.Tensor, counts: list[int]) -> list[str]:
 
 
 def _fingerprint_many_torch(values: torch.Tensor, counts: list[int]) -> list[str]:
+    from ..dtypes import bit_view
     from ..support import _GOLDEN
     from .reference import _mix64, _s64
 
     device, n = values.device, len(counts)
     width = values.element_size() * 8
-    bits = values.contiguous().view(torch.int32 if width == 32 else torch.int16).to(torch.int64) & ((1 << width) - 1)
+    bits = bit_view(values.contiguous()).to(torch.int64) & ((1 << width) - 1)
     sizes = torch.tensor(counts, dtype=torch.int64, device=device)
     owner = torch.repeat_interleave(torch.arange(n, device=device), sizes, output_size=values.numel())
     k = torch.arange(1, values.numel() + 1, device=device) - (torch.cumsum(sizes, 0) - sizes)[owner]
