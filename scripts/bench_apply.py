@@ -21,8 +21,7 @@ import torch
 from llama8b import linear_shapes  # noqa: E402  (scripts/ is on sys.path)
 
 from spra_tools import ops
-from spra_tools.ops.library import as_key
-from spra_tools.support import SeededSupport, tensor_key
+from spra_tools.support import SeededSupport, as_int64, tensor_key
 
 
 def timed(fn, device, repeat: int) -> float:
@@ -89,7 +88,7 @@ def main():
     t_index_add = timed(index_add_loop, device, args.repeat)
     t_advanced = timed(advanced_index, device, max(5, args.repeat // 5))
 
-    keys = [as_key(tensor_key(s.seed, s.name)) for s in supports]
+    keys = [as_int64(tensor_key(s.seed, s.name)) for s in supports]
     numels = [s.numel for s in supports]
     dens = [s.density for s in supports]
 

@@ -9,12 +9,11 @@ sys.path.insert(0, "scripts")
 from llama8b import linear_shapes  # noqa: E402
 
 from spra_tools import ops  # noqa: E402
-from spra_tools.ops.library import as_key  # noqa: E402
-from spra_tools.support import tensor_key  # noqa: E402
+from spra_tools.support import as_int64, tensor_key  # noqa: E402
 
 assert ops.backend_for("cuda") == "cuda"  # loads the compiled kernels behind torch.ops.spra_tools
 names = [(n, s[0] * s[1]) for n, s in linear_shapes()]
-keys = [as_key(tensor_key(0, n)) for n, _ in names]
+keys = [as_int64(tensor_key(0, n)) for n, _ in names]
 for d in (1e-4, 1e-3, 1e-2, 5e-2):
     args = (torch.empty(0, device="cuda"), keys, [x for _, x in names], [d] * len(names))
     for _ in range(3):

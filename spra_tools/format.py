@@ -405,8 +405,8 @@ def fingerprint(bits: np.ndarray) -> str:
     order-sensitive, and a sum so that it can be computed in parallel on any device.
     """
     acc = 0
-    for c0 in range(0, bits.size, sup._CHUNK):
-        part = bits[c0 : c0 + sup._CHUNK].astype(np.uint64)
+    for c0 in range(0, bits.size, sup.CHUNK):
+        part = bits[c0 : c0 + sup.CHUNK].astype(np.uint64)
         k = np.arange(c0 + 1, c0 + 1 + part.size, dtype=np.uint64)
-        acc += int(sup._mix64_np(part + k * np.uint64(sup._GOLDEN)).sum(dtype=np.uint64))
-    return f"{acc & sup._M64:016x}"
+        acc += int(sup.mix64_array(part + k * np.uint64(sup.GOLDEN)).sum(dtype=np.uint64))
+    return f"{acc & sup.MASK64:016x}"

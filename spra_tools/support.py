@@ -31,36 +31,44 @@ BLOCK = 1 << BLOCK_BITS
 ROUNDS = 4
 MAX_NUMEL = 1 << 48  # far beyond any tensor; keeps every product exact in binary64
 
-_M64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
+# The hash family (docs/FORMAT.md §4.1), shared by the seeded scheme and the fingerprint (§6) and by
+# every implementation of them (ops/reference.py in torch, cuda/spra_common.h in C++).
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's stream increment
+MIX1 = 0xBF58476D1CE4E5B9  # splitmix64's finaliser multipliers
+MIX2 = 0x94D049BB133111EB
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 _SCHEME_TAG = 0x5350524131  # "SPRA1"
 
-# Elements generated per numpy pass: bounds temporaries to a few tens of MB.
-_CHUNK = 1 << 20
+# Elements per numpy pass (supports, Elias-Fano codes, fingerprints): bounds temporaries to a few tens of MB.
+CHUNK = 1 << 20
+
+
+def as_int64(x: int) -> int:
+    """A uint64 as the int64 with the same bits: how torch int64 tensors and the op schemas carry it."""
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
 def mix64(z: int) -> int:
-    """splitmix64's finaliser on a Python int (the scalar twin of `_mix64_np`)."""
-    z &= _M64
-    z = ((z ^ (z >> 30)) * _MIX1) & _M64
-    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    """splitmix64's finaliser on a Python int (the scalar twin of `mix64_array`)."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
     return z ^ (z >> 31)
 
 
-def _mix64_np(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+def mix64_array(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (numpy wraps the products modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
     return z ^ (z >> np.uint64(31))
 
 
 def fnv1a64(data: bytes) -> int:
     h = _FNV_OFFSET
     for byte in data:
-        h = ((h ^ byte) * _FNV_PRIME) & _M64
+        h = ((h ^ byte) * _FNV_PRIME) & MASK64
     return h
 
 
@@ -71,7 +79,7 @@ def tensor_key(seed: int, name: str) -> int:
 
 
 def check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _M64:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MASK64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
 
@@ -121,7 +129,7 @@ def feistel_width(length: int) -> int:
 def round_keys(key: int, blocks: np.ndarray) -> np.ndarray:
     """Round keys [len(blocks), ROUNDS]: splitmix64 outputs at counters b*ROUNDS + r + 1."""
     ctr = blocks.astype(np.uint64)[:, None] * np.uint64(ROUNDS) + np.arange(1, ROUNDS + 1, dtype=np.uint64)
-    return _mix64_np(np.uint64(key) + ctr * np.uint64(_GOLDEN))
+    return mix64_array(np.uint64(key) + ctr * np.uint64(GOLDEN))
 
 
 def feistel(x: np.ndarray, keys: np.ndarray, width: int) -> np.ndarray:
@@ -130,7 +138,7 @@ def feistel(x: np.ndarray, keys: np.ndarray, width: int) -> np.ndarray:
     mask = np.uint64((1 << (width // 2)) - 1)
     left, right = x >> half, x & mask
     for r in range(ROUNDS):
-        left, right = right, left ^ (_mix64_np(keys[:, r] ^ right) & mask)
+        left, right = right, left ^ (mix64_array(keys[:, r] ^ right) & mask)
     return (left << half) | right
 
 
@@ -158,7 +166,7 @@ def seeded_indices(seed: int, name: str, numel: int, density: float) -> np.ndarr
     b0 = 0
     while b0 < full:
         first = int(cum[b0 - 1]) if b0 else 0
-        b1 = min(full, int(np.searchsorted(cum, first + _CHUNK, side="right")) + 1)
+        b1 = min(full, int(np.searchsorted(cum, first + CHUNK, side="right")) + 1)
         _fill_blocks(out, key, cum, counts, b0, b1, first)
         b0 = b1
     if numel % BLOCK:  # the short last block
@@ -271,8 +279,8 @@ def ef_encode(flat: np.ndarray, numel: int) -> tuple[np.ndarray, np.ndarray]:
     low = np.zeros(low_bytes * 8, dtype=np.uint8)
     if low_bits:
         shifts = np.arange(low_bits, dtype=np.int64)
-        for c0 in range(0, n, _CHUNK):
-            part = flat[c0 : c0 + _CHUNK]
+        for c0 in range(0, n, CHUNK):
+            part = flat[c0 : c0 + CHUNK]
             bits = ((part[:, None] >> shifts) & 1).astype(np.uint8)
             low[c0 * low_bits : (c0 + part.size) * low_bits] = bits.reshape(-1)
     return np.packbits(low, bitorder="little"), np.packbits(high, bitorder="little")
@@ -294,8 +302,8 @@ def ef_decode(low: np.ndarray, high: np.ndarray, numel: int, count: int) -> np.n
         flat <<= low_bits
         weights = np.int64(1) << np.arange(low_bits, dtype=np.int64)
         bits = np.unpackbits(low, bitorder="little")
-        for c0 in range(0, count, _CHUNK):
-            c1 = min(count, c0 + _CHUNK)
+        for c0 in range(0, count, CHUNK):
+            c1 = min(count, c0 + CHUNK)
             part = bits[c0 * low_bits : c1 * low_bits].reshape(c1 - c0, low_bits)
             flat[c0:c1] |= part.astype(np.int64) @ weights
     if flat[-1] >= numel or np.any(np.diff(flat) <= 0):

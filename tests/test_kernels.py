@@ -17,8 +17,8 @@ import torch
 from spra_tools import ops
 from spra_tools.dtypes import bit_view
 from spra_tools.ops import extension
-from spra_tools.ops.library import DEFAULTS, as_key
-from spra_tools.support import SeededSupport, tensor_key
+from spra_tools.ops.library import DEFAULTS
+from spra_tools.support import SeededSupport, as_int64, tensor_key
 
 DEVICES = [
     "cpu",
@@ -86,7 +86,7 @@ def test_multi_tensor_generation_is_the_concatenation(device):
     ]
     got = torch.ops.spra_tools.seeded_indices(
         torch.empty(0, device=device),
-        [as_key(tensor_key(s.seed, s.name)) for s in sups],
+        [as_int64(tensor_key(s.seed, s.name)) for s in sups],
         [s.numel for s in sups],
         [s.density for s in sups],
     )
@@ -110,7 +110,7 @@ def test_seeded_apply_gather_restore_match_the_reference(device, dtype, values_d
     weights, sups, gen = _model(device, dtype, (str(dtype), str(values_dtype), scale))
     values = (torch.randn(sum(s.count for s in sups), generator=gen) * 0.1).to(values_dtype).to(device)
     expected = [w.clone() for w in weights]
-    keys, densities = [as_key(tensor_key(s.seed, s.name)) for s in sups], [s.density for s in sups]
+    keys, densities = [as_int64(tensor_key(s.seed, s.name)) for s in sups], [s.density for s in sups]
 
     original = ops.apply_seeded(weights, sups, values, scale)
     expected_original = DEFAULTS["seeded_apply"](expected, keys, densities, values, scale, True)
@@ -163,7 +163,7 @@ def test_opcheck(device):
     gen = _gen("opcheck")
     w = torch.randn(40, 40, generator=gen).to(torch.bfloat16).to(device)
     s = SeededSupport(2, "w", w.numel(), 0.1)
-    key = [as_key(tensor_key(s.seed, s.name))]
+    key = [as_int64(tensor_key(s.seed, s.name))]
     idx = ops.support_indices(s, device)
     v = torch.randn(s.count, generator=gen).to(device)
     tests = ("test_schema", "test_faketensor")
@@ -235,5 +235,5 @@ def test_required_extensions_build():
     """CI sets SPRA_TOOLS_BUILD_EXT=1: the CPU library must build, and the CUDA one compile and link
     wherever torch is a CUDA build and a toolkit is present (a GPU is not needed)."""
     assert extension.load("cpu") == "ok"
-    if extension._unavailable("cuda") is None:
+    if extension.unavailable("cuda") is None:
         assert extension.load("cuda") == "ok"

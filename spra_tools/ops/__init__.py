@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..errors import SpraError
-from ..support import ExplicitSupport, SeededSupport, Support, tensor_key
+from ..support import ExplicitSupport, SeededSupport, Support, as_int64, tensor_key
 from . import extension
-from .library import DEFAULTS, as_key
+from .library import DEFAULTS
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 
@@ -101,7 +101,7 @@ def support_indices(support: Support, device: torch.device | str = "cpu") -> tor
 
 
 def _key(support: SeededSupport) -> int:
-    return as_key(tensor_key(support.seed, support.name))
+    return as_int64(tensor_key(support.seed, support.name))
 
 
 def _seeded_args(weights: list[torch.Tensor], supports: list[SeededSupport]):
@@ -277,8 +277,8 @@ def fingerprint_many(values: torch.Tensor, counts: list[int]) -> list[str]:
 
 def _fingerprint_many_torch(values: torch.Tensor, counts: list[int]) -> list[str]:
     from ..dtypes import bit_view
-    from ..support import _GOLDEN
-    from .reference import _mix64, _s64
+    from ..support import GOLDEN, MASK64
+    from .reference import mix64
 
     device, n = values.device, len(counts)
     width = values.element_size() * 8
@@ -286,5 +286,5 @@ def _fingerprint_many_torch(values: torch.Tensor, counts: list[int]) -> list[str
     sizes = torch.tensor(counts, dtype=torch.int64, device=device)
     owner = torch.repeat_interleave(torch.arange(n, device=device), sizes, output_size=values.numel())
     k = torch.arange(1, values.numel() + 1, device=device) - (torch.cumsum(sizes, 0) - sizes)[owner]
-    sums = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, owner, _mix64(bits + k * _s64(_GOLDEN)))
-    return [f"{s & ((1 << 64) - 1):016x}" for s in sums.tolist()]  # int64 sums wrap: exact mod 2**64
+    sums = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, owner, mix64(bits + k * as_int64(GOLDEN)))
+    return [f"{s & MASK64:016x}" for s in sums.tolist()]  # int64 sums wrap: exact mod 2**64

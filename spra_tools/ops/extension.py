@@ -51,7 +51,7 @@ def _find_cuda_home() -> None:
 _find_cuda_home()  # before anything imports torch.utils.cpp_extension, which reads it once
 
 
-def _unavailable(kind: str) -> str | None:
+def unavailable(kind: str) -> str | None:
     """Why `kind` cannot be built here at all, or None."""
     if kind == "cuda":
         from torch.utils.cpp_extension import CUDA_HOME
@@ -90,7 +90,7 @@ def load(kind: str, build: bool = True) -> str:
     """Load (building if needed and `build`) the `kind` library; returns "ok" or the reason not."""
     if kind in _status and (_status[kind] == "ok" or build):
         return _status[kind]
-    reason = _unavailable(kind)
+    reason = unavailable(kind)
     if reason is None:
         from torch.utils import cpp_extension
 

@@ -3,7 +3,7 @@
 The ops exist without the compiled extension: the default kernels (the reference backend) serve
 any device; when the extension is loaded its CPU / CUDA kernels take over for those devices.
 Seeded ops take a whole model's adapted tensors at once — `keys` are the tensors' 64-bit support
-keys (support.tensor_key) as signed int64, values and originals are flat in tensor order.
+keys (support.tensor_key) as signed int64 (support.as_int64), values and originals are flat in tensor order.
 """
 
 from __future__ import annotations
@@ -34,17 +34,12 @@ for _name, _schema in _SCHEMAS.items():
     torch.library.define(f"{NS}::{_name}", _schema)
 
 
-def as_key(key: int) -> int:
-    """A uint64 support key as the int64 with the same bits (what the op schemas carry)."""
-    return key - (1 << 64) if key >= 1 << 63 else key
-
-
 def _count(numels, densities) -> int:
     return sum(sup.seeded_count(n, d) for n, d in zip(numels, densities))
 
 
 def _reference_indices(keys, numels, densities, device) -> list[torch.Tensor]:
-    return [reference.seeded_indices_for_key(k % (1 << 64), n, d, device) for k, n, d in zip(keys, numels, densities)]
+    return [reference.seeded_indices_for_key(k & sup.MASK64, n, d, device) for k, n, d in zip(keys, numels, densities)]
 
 
 # --- default kernels: the reference backend -----------------------------------------------------

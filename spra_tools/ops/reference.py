@@ -11,20 +11,15 @@ import torch
 
 from .. import support as sup
 
-
-def _s64(x: int) -> int:
-    """A uint64 constant as the int64 with the same bits."""
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_MIX1, _MIX2, _GOLDEN = _s64(sup._MIX1), _s64(sup._MIX2), _s64(sup._GOLDEN)
+_MIX1, _MIX2, _GOLDEN = sup.as_int64(sup.MIX1), sup.as_int64(sup.MIX2), sup.as_int64(sup.GOLDEN)
 
 
 def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def _mix64(z: torch.Tensor) -> torch.Tensor:
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """support.mix64 on int64 tensors (the same bits as uint64)."""
     z = (z ^ _srl(z, 30)) * _MIX1
     z = (z ^ _srl(z, 27)) * _MIX2
     return z ^ _srl(z, 31)
@@ -34,7 +29,7 @@ def _feistel(x: torch.Tensor, keys: torch.Tensor, width: int) -> torch.Tensor:
     half, mask = width // 2, (1 << (width // 2)) - 1
     left, right = x >> half, x & mask
     for r in range(sup.ROUNDS):
-        left, right = right, left ^ (_mix64(keys[:, r] ^ right) & mask)
+        left, right = right, left ^ (mix64(keys[:, r] ^ right) & mask)
     return (left << half) | right
 
 
@@ -45,7 +40,7 @@ def seeded_indices(seed: int, name: str, numel: int, density: float, device) -> 
 
 def seeded_indices_for_key(tensor_key: int, numel: int, density: float, device) -> torch.Tensor:
     """As seeded_indices, from the tensor's 64-bit support key."""
-    key = _s64(tensor_key)
+    key = sup.as_int64(tensor_key)
     cum = torch.from_numpy(sup.block_counts(numel, density)).to(device)
     total = int(cum[-1]) if cum.numel() else 0
     if total == 0:
@@ -55,7 +50,7 @@ def seeded_indices_for_key(tensor_key: int, numel: int, density: float, device) 
     owner = torch.repeat_interleave(blocks, counts, output_size=total)
     j = torch.arange(total, device=device) - (cum - counts)[owner]
     ctr = blocks[:, None] * sup.ROUNDS + torch.arange(1, sup.ROUNDS + 1, device=device)
-    keys = _mix64(key + ctr * _GOLDEN)[owner]  # [total, ROUNDS]
+    keys = mix64(key + ctr * _GOLDEN)[owner]  # [total, ROUNDS]
     y = torch.empty_like(j)
     full = owner < numel // sup.BLOCK
     y[full] = _feistel(j[full], keys[full], sup.BLOCK_BITS)
