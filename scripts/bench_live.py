@@ -20,8 +20,9 @@ import transformers
 
 import spra_tools
 from spra_tools import ops
-from spra_tools.adapter import Adapter, TensorDelta, fingerprints
+from spra_tools.adapter import Adapter, TensorDelta
 from spra_tools.dtypes import bit_view
+from spra_tools.fingerprint import fingerprints
 from spra_tools.support import SeededSupport
 from spra_tools.targets import select
 

@@ -1,9 +1,8 @@
 """The in-memory adapter: per adapted tensor a support, values and a base fingerprint; plus metadata.
 
 `Adapter.load` / `Adapter.save` go through format.py; values live here as torch tensors.
-Fingerprints identify the base values at each support (format.fingerprint on their raw bits). A
-tensor made on an fp32 base also records the fingerprints of its bf16 and fp16 casts, so the
-adapter still recognises its base when a model was loaded in lower precision.
+Each tensor records fingerprints of the base values at its support (fingerprint.py), by which an
+adapter recognises its base.
 """
 
 from __future__ import annotations
@@ -19,16 +18,9 @@ from . import format as fmt
 from . import ops
 from .dtypes import TORCH_DTYPES, dtype_name, from_raw, raw_bits
 from .errors import SpraError
+from .fingerprint import fingerprints, mismatches
 from .fsutil import atomic_path
 from .support import ExplicitSupport, Support
-
-
-def fingerprints(base_values: torch.Tensor) -> dict[str, str]:
-    """Fingerprints of base values at a support (in support order); fp32 also records its casts."""
-    casts = [base_values]
-    if base_values.dtype == torch.float32:
-        casts += [base_values.to(torch.bfloat16), base_values.to(torch.float16)]
-    return {dtype_name(c.dtype): fmt.fingerprint(raw_bits(c)) for c in casts}
 
 
 @dataclass
@@ -59,13 +51,7 @@ class TensorDelta:
             return f"shape {tuple(weight.shape)} differs from the adapter's {self.shape}"
         if weight.dtype != self.dtype and strict_dtype:
             return f"dtype {dtype_name(weight.dtype)} differs from the adapter's {dtype_name(self.dtype)}"
-        name = dtype_name(base_values.dtype)
-        if name not in self.fingerprint:
-            # A model held in higher precision than the recorded base: compare in the recorded one.
-            recorded = next(iter(self.fingerprint))
-            base_values = base_values.to(TORCH_DTYPES[recorded])
-            name = recorded
-        if ops.fingerprint(base_values) != self.fingerprint[name]:
+        if mismatches(base_values, [base_values.numel()], [self.fingerprint])[0]:
             return "values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)"
         return None
 

@@ -396,17 +396,3 @@ def _read_record(c: Container, f: BinaryIO, i: int, entry) -> TensorRecord:
         raise bad(f"values tensor must be one of {', '.join(FLOAT_DTYPES)} with shape [{count}]")
     values = c.read_array(VALUES + name, f)
     return TensorRecord(name, tuple(shape), dtype, support, values, vinfo.dtype, fp)
-
-
-def fingerprint(bits: np.ndarray) -> str:
-    """Fingerprint of base values at a support, from their raw bits in support order.
-
-    ``sum_k mix64(bits_k + (k + 1) * 0x9E3779B97F4A7C15) mod 2**64`` as 16 lowercase hex digits:
-    order-sensitive, and a sum so that it can be computed in parallel on any device.
-    """
-    acc = 0
-    for c0 in range(0, bits.size, sup.CHUNK):
-        part = bits[c0 : c0 + sup.CHUNK].astype(np.uint64)
-        k = np.arange(c0 + 1, c0 + 1 + part.size, dtype=np.uint64)
-        acc += int(sup.mix64_array(part + k * np.uint64(sup.GOLDEN)).sum(dtype=np.uint64))
-    return f"{acc & sup.MASK64:016x}"

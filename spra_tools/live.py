@@ -27,8 +27,8 @@ import torch
 
 from . import ops
 from .adapter import Adapter
-from .dtypes import TORCH_DTYPES, dtype_name
 from .errors import MismatchError, SpraError
+from .fingerprint import mismatches
 from .support import SeededSupport
 
 
@@ -161,14 +161,8 @@ def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
     if _stack(model):
         values = _base_values(model, g, values)
     recorded = [adapter.deltas[n].fingerprint for n in g.names]
-    key = dtype_name(values.dtype)
-    if not all(key in fp for fp in recorded):
-        # A model held in another precision than the recorded base: compare in the recorded one.
-        key = next(iter(recorded[0]))
-        values = values.to(TORCH_DTYPES[key])
-    got = ops.fingerprint_many(values, [s.count for s in g.supports])
-    for name, fp, h in zip(g.names, recorded, got):
-        if fp.get(key) != h:
+    for name, differs in zip(g.names, mismatches(values, [s.count for s in g.supports], recorded)):
+        if differs:
             raise MismatchError(
                 f"tensor {name!r}: values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)",
                 where,

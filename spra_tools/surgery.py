@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .adapter import Adapter, TensorDelta, fingerprints
+from .adapter import Adapter, TensorDelta
 from .checkpoint import Checkpoint, write_checkpoint
 from .dtypes import TORCH_DTYPES, dtype_name
 from .errors import MismatchError, SpraError
+from .fingerprint import fingerprints
 from .support import SeededSupport
 from .targets import select
 

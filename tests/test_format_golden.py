@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spra_tools import format as fmt
-from spra_tools.adapter import Adapter, TensorDelta, explicit_delta, fingerprints
+from spra_tools.adapter import Adapter, TensorDelta, explicit_delta
 from spra_tools.dtypes import raw_bits
+from spra_tools.fingerprint import fingerprint, fingerprints
 from spra_tools.support import ExplicitSupport, SeededSupport
 
 GOLDEN_SHA256 = "4fedf6d6200dfcc35f83ea35b9ef81de9e87d5a4b4454216c8e04532c3170d7c"
@@ -189,13 +189,13 @@ def test_fingerprint_formula(saved):
 
     want = sum(mix((b + (k + 1) * 0x9E3779B97F4A7C15) & m64) for k, b in enumerate(bits)) & m64
     assert d.fingerprint == {"BF16": f"{want:016x}"}
-    assert fmt.fingerprint(np.array(bits, dtype=np.uint16)) == f"{want:016x}"
+    assert fingerprint(np.array(bits, dtype=np.uint16)) == f"{want:016x}"
 
 
-# format.fingerprint accumulates in a numpy uint64 scalar, which warns when the sum wraps.
+# fingerprint() accumulates in a numpy uint64 scalar, which warns when the sum wraps.
 @pytest.mark.filterwarnings("ignore:overflow encountered in scalar add:RuntimeWarning")
 def test_fingerprint_beyond_one_chunk():
-    """More values than format.py processes per pass (2**20): the chunked sum still wraps mod 2**64."""
+    """More values than fingerprint.py processes per pass (2**20): the chunked sum still wraps mod 2**64."""
     n = (1 << 20) * 2 + 5
     bits = (np.arange(n, dtype=np.uint64) * np.uint64(2654435761) % np.uint64(1 << 32)).astype(np.uint32)
     z = bits.astype(np.uint64) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -203,4 +203,4 @@ def test_fingerprint_beyond_one_chunk():
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
     want = sum(int(part.sum(dtype=np.uint64)) for part in np.array_split(z, 7)) % (1 << 64)
-    assert fmt.fingerprint(bits) == f"{want:016x}"
+    assert fingerprint(bits) == f"{want:016x}"

@@ -105,16 +105,3 @@ def test_reference_generation_on_cuda_matches_the_spec():
     for numel, density in [(4096 * 4096, 1e-3), (65536 * 2 + 99, 0.3), (5, 1.0)]:
         s = SeededSupport(2**63 + 1, "model.layers.0.mlp.up_proj.weight", numel, density)
         assert np.array_equal(ops.support_indices(s, "cuda").cpu().numpy(), s.indices())
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_segmented_torch_fingerprints_match_the_format(dtype):
-    """The device-side fingerprint (torch int64 arithmetic) against format.fingerprint (numpy)."""
-    from spra_tools.format import fingerprint
-
-    values = torch.randn(70_001, generator=torch.Generator().manual_seed(3)).to(dtype)
-    counts = [0, 5, 65_536, 4_460]
-    got = ops._fingerprint_many_torch(values, counts)
-    offsets = np.cumsum([0, *counts])
-    assert got == [fingerprint(raw_bits(values[a:b])) for a, b in zip(offsets[:-1], offsets[1:])]
-    assert ops.fingerprint_many(values, counts) == got

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..adapter import Adapter, TensorDelta, explicit_delta, fingerprints
+from ..adapter import Adapter, TensorDelta, explicit_delta
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import FormatError, SpraError
+from ..fingerprint import fingerprints
 from ..format import FLOAT_DTYPES
 from ..fsutil import atomic_path
 from ..support import ExplicitSupport, seeded_count

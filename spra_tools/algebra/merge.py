@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..adapter import Adapter, TensorDelta, fingerprints
+from ..adapter import Adapter, TensorDelta
 from ..checkpoint import Checkpoint
 from ..dtypes import bit_view, dtype_name
 from ..errors import SpraError
+from ..fingerprint import fingerprints
 from ..support import ExplicitSupport, SeededSupport, Support, fnv1a64
 
 METHODS = ("sum", "mean", "weighted", "ties", "dare_ties", "dare_linear", "magnitude_prune")

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..adapter import Adapter, TensorDelta, explicit_delta, fingerprints
+from ..adapter import Adapter, TensorDelta, explicit_delta
 from ..checkpoint import Checkpoint
 from ..dtypes import TORCH_DTYPES
 from ..errors import MismatchError, SpraError
+from ..fingerprint import fingerprints
 from ..support import ExplicitSupport, SeededSupport
 from .diff import exact_values
 

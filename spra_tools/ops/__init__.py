@@ -254,37 +254,3 @@ def indices_many(supports: list[Support], device: torch.device | str) -> torch.T
         )
     parts = [support_indices(s, device) for s in supports]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=device)
-
-
-def fingerprint(values: torch.Tensor) -> str:
-    """format.fingerprint of float values (their raw bits, in order), computed where they live."""
-    return fingerprint_many(values, [values.numel()])[0]
-
-
-def fingerprint_many(values: torch.Tensor, counts: list[int]) -> list[str]:
-    """fingerprint() of each consecutive segment of `values` (lengths `counts`), in one pass."""
-    if values.device.type == "cpu":
-        from ..dtypes import raw_bits
-        from ..format import fingerprint as numpy_fingerprint
-
-        bits, out, offset = raw_bits(values), [], 0
-        for c in counts:
-            out.append(numpy_fingerprint(bits[offset : offset + c]))
-            offset += c
-        return out
-    return _fingerprint_many_torch(values, counts)
-
-
-def _fingerprint_many_torch(values: torch.Tensor, counts: list[int]) -> list[str]:
-    from ..dtypes import bit_view
-    from ..support import GOLDEN, MASK64
-    from .reference import mix64
-
-    device, n = values.device, len(counts)
-    width = values.element_size() * 8
-    bits = bit_view(values.contiguous()).to(torch.int64) & ((1 << width) - 1)
-    sizes = torch.tensor(counts, dtype=torch.int64, device=device)
-    owner = torch.repeat_interleave(torch.arange(n, device=device), sizes, output_size=values.numel())
-    k = torch.arange(1, values.numel() + 1, device=device) - (torch.cumsum(sizes, 0) - sizes)[owner]
-    sums = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, owner, mix64(bits + k * as_int64(GOLDEN)))
-    return [f"{s & MASK64:016x}" for s in sums.tolist()]  # int64 sums wrap: exact mod 2**64

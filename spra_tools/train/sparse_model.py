@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..adapter import Adapter, TensorDelta, fingerprints
+from ..adapter import Adapter, TensorDelta
 from ..errors import SpraError
+from ..fingerprint import fingerprints
 from ..support import SeededSupport
 from ..targets import select
 
