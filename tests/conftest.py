@@ -29,7 +29,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from spra_tools.demo import build_tiny_model
+from spra_tools.testing import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from spra_tools.adapter import Adapter
 from spra_tools.cli import cli
-from spra_tools.demo import build_tiny_model
 from spra_tools.support import seeded_indices
+from spra_tools.testing import build_tiny_model
 
 
 @pytest.fixture(scope="module")

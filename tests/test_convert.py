@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tiny import fine_tune
 
 from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
 from spra_tools.algebra.convert import lora_to_sparse, read_peft_sparta, write_peft_sparta
 from spra_tools.checkpoint import open_checkpoint
-from spra_tools.demo import build_tiny_model
 from spra_tools.dtypes import bit_view
 from spra_tools.errors import SpraError
 from spra_tools.surgery import apply_adapter
+from spra_tools.testing import build_tiny_model, fine_tune
 
 try:
     import peft_sparta

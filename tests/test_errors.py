@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from spra_tools.adapter import Adapter
-from spra_tools.demo import build_tiny_model
 from spra_tools.format import HIGH, VALUES, container_header, read_container
+from spra_tools.testing import build_tiny_model
 
 # ---------------------------------------------------------------------------------------------
 # Inputs

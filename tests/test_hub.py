@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from spra_tools.demo import build_tiny_model
+from spra_tools.testing import build_tiny_model
 
 
 def _run(*args, env):

@@ -186,7 +186,7 @@ def test_cli_output_is_the_same_on_every_backend(device, tmp_path, monkeypatch):
 
     from spra_tools.adapter import Adapter
     from spra_tools.cli import cli
-    from spra_tools.demo import build_tiny_model
+    from spra_tools.testing import build_tiny_model
 
     build_tiny_model("llama", tmp_path / "base", shard_size="100KB")
     runner = CliRunner()

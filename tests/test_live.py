@@ -13,10 +13,10 @@ import spra_tools
 from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
 from spra_tools.checkpoint import open_checkpoint
-from spra_tools.demo import build_tiny_model
 from spra_tools.dtypes import bit_view
 from spra_tools.errors import MismatchError
 from spra_tools.surgery import apply_adapter, create_adapter
+from spra_tools.testing import build_tiny_model
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

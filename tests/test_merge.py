@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from spra_tools.adapter import Adapter, TensorDelta
 from spra_tools.algebra.merge import merge_adapters, recipe_to_args
 from spra_tools.checkpoint import open_checkpoint
-from spra_tools.demo import build_tiny_model
 from spra_tools.dtypes import bit_view
 from spra_tools.errors import SpraError
 from spra_tools.support import ExplicitSupport, SeededSupport, fnv1a64
 from spra_tools.surgery import apply_adapter, create_adapter
+from spra_tools.testing import build_tiny_model
 
 
 @pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -12,15 +12,14 @@ import json
 import pytest
 import torch
 import transformers
-from tiny import fine_tune
 
 from spra_tools import ops
 from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
 from spra_tools.checkpoint import INDEX, open_checkpoint
-from spra_tools.demo import build_tiny_model
 from spra_tools.dtypes import DTYPE_NAMES, bit_view
 from spra_tools.surgery import apply_adapter, create_adapter, verify_adapter
+from spra_tools.testing import build_tiny_model, fine_tune
 
 CASES = [
     (arch, dtype, shard)

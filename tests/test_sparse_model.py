@@ -16,9 +16,9 @@ import transformers
 from spra_tools import ops
 from spra_tools.adapter import Adapter
 from spra_tools.checkpoint import open_checkpoint
-from spra_tools.demo import build_tiny_model
 from spra_tools.dtypes import bit_view
 from spra_tools.surgery import apply_adapter
+from spra_tools.testing import build_tiny_model
 from spra_tools.train import SparseAdamW, SparseModel
 
 CUDA = pytest.param(

@@ -9,11 +9,11 @@ import torch
 from spra_tools.adapter import Adapter, TensorDelta
 from spra_tools.algebra.stack import compact_adapter, compare_adapters, reseed_adapter, stack_adapters
 from spra_tools.checkpoint import open_checkpoint
-from spra_tools.demo import build_tiny_model
 from spra_tools.dtypes import bit_view
 from spra_tools.errors import MismatchError, SpraError
 from spra_tools.support import ExplicitSupport
 from spra_tools.surgery import apply_adapter, create_adapter
+from spra_tools.testing import build_tiny_model
 
 
 def _random_values(adapter, seed, scale=0.05):

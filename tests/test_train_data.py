@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from spra_tools.demo import build_word_tokenizer
 from spra_tools.errors import SpraError
+from spra_tools.testing import build_word_tokenizer
 from spra_tools.train.data import IGNORE, Batches, TokenizedData, eval_batches, read_records, tokenize
 
 WORDS = "the cat sat on mat a dog log bird sang in tree . what did ? it you are good bad neutral hello hi yes no"

@@ -14,10 +14,10 @@ import transformers
 
 from spra_tools.adapter import Adapter
 from spra_tools.checkpoint import open_checkpoint
-from spra_tools.demo import CORPUS, build_tiny_model, build_word_tokenizer
 from spra_tools.errors import SpraError
 from spra_tools.live import load_model
 from spra_tools.surgery import apply_adapter
+from spra_tools.testing import CORPUS, build_tiny_model, build_word_tokenizer
 from spra_tools.train import SparseAdamW, SparseModel
 from spra_tools.train.config import TrainConfig
 from spra_tools.train.loop import train
