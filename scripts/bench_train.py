@@ -6,7 +6,7 @@ row reports the median step time over --steps timed steps after --warmup, the pe
 from the row's start (model, optimizer state and activations), its ratio to the floor measured in the
 same run, and the number of trained values. The SpaRTA budgets are LoRA r16's parameter counts on
 the same layers (6.8 M on V,O and 41.9 M on all linears for the 8B shape), so every row trains
-about as many values as its LoRA neighbour. Targets are DESIGN.md §7's.
+about as many values as its LoRA neighbour. Targets and results: docs/BENCHMARKS.md.
 
     python scripts/bench_train.py                          # the H200 table, 8B shape (2x1024)
     python scripts/bench_train.py --shape 1b 8b --json train.json
@@ -92,7 +92,8 @@ ROWS = {  # key: table label
     "full": "full fine-tune (bf16 params, fused AdamW)",
 }
 
-# DESIGN.md §7: H200, bf16, random-init Llama-8B shape, batch 2x1024 — (step ms, peak GiB).
+# Measured earlier on an H200, bf16, random-init Llama-8B shape, batch 2x1024 — (step ms, peak GiB);
+# printed beside each run's own rows, to see whether the machine reproduces them.
 ANCHORS = {
     "floor": (144, 26.5),
     "lora-vo": (161, 28.6),
@@ -362,7 +363,7 @@ def markdown(meta: dict, shape: Shape, rows: list[dict], targets: str) -> str:
     anchors = "; ".join(
         f"{ROWS[k].split(':')[0].split(' (')[0]} {ms} ms / {gib} GiB" for k, (ms, gib) in ANCHORS.items()
     )
-    lines.append(f"\nanchors (DESIGN.md §7; H200, 8B shape, batch 2×1024, measured earlier): {anchors}")
+    lines.append(f"\nanchors (H200, 8B shape, batch 2×1024, measured earlier): {anchors}")
     return "\n".join(lines)
 
 

@@ -82,6 +82,6 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         **{pkg: version(pkg) for pkg in ("transformers", "safetensors", "huggingface_hub", "numpy", "click")},
         "devices": devices,
-        "backend": {"SPRA_BACKEND": os.environ.get("SPRA_BACKEND", "auto"), **backends},
+        "backend": {ops.BACKEND_VARIABLE: ops.backend_setting()[1], **backends},
         "extension": ops.compiled_backends(),
     }

@@ -41,7 +41,7 @@ class CliResult(NamedTuple):
 
 
 def _clean_env(env: dict[str, str | None] | None) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("SPRA_TOOLS_DEBUG", "SPRA_BACKEND")}
+    out = {k: v for k, v in os.environ.items() if k not in ("SPRA_TOOLS_DEBUG", "SPRA_TOOLS_BACKEND", "SPRA_BACKEND")}
     out["HF_HUB_OFFLINE"] = "1"
     for key, value in (env or {}).items():
         if value is None:
@@ -74,7 +74,12 @@ def call_cli_in_process(*args, env: dict[str, str | None] | None = None) -> CliR
 
     from spra_tools import cli as cli_module
 
-    overrides: dict[str, str | None] = {"SPRA_TOOLS_DEBUG": None, "SPRA_BACKEND": None, "HF_HUB_OFFLINE": "1"}
+    overrides: dict[str, str | None] = {
+        "SPRA_TOOLS_DEBUG": None,
+        "SPRA_TOOLS_BACKEND": None,
+        "SPRA_BACKEND": None,
+        "HF_HUB_OFFLINE": "1",
+    }
     overrides.update(env or {})
     saved_argv, saved_debug = sys.argv, cli_module._DEBUG
     with CliRunner().isolation(env=overrides) as (out, err, _):

@@ -1,7 +1,7 @@
 """Bad input of every kind: one clear line on stderr naming the file, exit code 1, nothing written.
 
-DESIGN.md §8: "Bad input of any kind → one clear line on stderr naming the file and the problem,
-exit code ≠ 0, no traceback (unless --debug), nothing half-written." Every case below builds its
+The README's promise: every error is one line on stderr naming the file, exit code 1, nothing
+written, and `--debug` shows the traceback. Every case below builds its
 bad input in a fresh tmp_path, runs the CLI, and checks:
 
 * the exit code (1; click's 2 only for pure usage errors);
@@ -571,13 +571,15 @@ def _(w):
 
 @case("backend-bogus-apply", sub=True)
 def _(w):
-    return Bad(w.apply(w.seeded), "SPRA_BACKEND='bogus' is not one of", env={"SPRA_BACKEND": "bogus"})
+    return Bad(w.apply(w.seeded), "SPRA_TOOLS_BACKEND='bogus' is not one of", env={"SPRA_TOOLS_BACKEND": "bogus"})
 
 
 @case("backend-bogus-create")
 def _(w):
     return Bad(
-        _create(w, "--density", 0.01, "--seed", 1), "SPRA_BACKEND='bogus' is not one of", env={"SPRA_BACKEND": "bogus"}
+        _create(w, "--density", 0.01, "--seed", 1),
+        "SPRA_TOOLS_BACKEND='bogus' is not one of",
+        env={"SPRA_TOOLS_BACKEND": "bogus"},
     )
 
 

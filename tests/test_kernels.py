@@ -38,7 +38,7 @@ def compiled(request, monkeypatch):
     status = extension.load(device)
     if status != "ok":
         pytest.skip(f"{device} extension unavailable: {status}")
-    monkeypatch.setenv("SPRA_BACKEND", device)
+    monkeypatch.setenv("SPRA_TOOLS_BACKEND", device)
 
 
 def _gen(*key) -> torch.Generator:
@@ -180,7 +180,7 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cli_output_is_the_same_on_every_backend(device, tmp_path, monkeypatch):
-    """SPRA_BACKEND=reference, cpu and cuda: the same files and the same printed supports (the
+    """SPRA_TOOLS_BACKEND=reference, cpu and cuda: the same files and the same printed supports (the
     CLI works on CPU tensors; a CUDA backend runs its kernels on copies)."""
     from click.testing import CliRunner
 
@@ -192,7 +192,7 @@ def test_cli_output_is_the_same_on_every_backend(device, tmp_path, monkeypatch):
     runner = CliRunner()
     outputs = {}
     for backend in ("reference", device):
-        monkeypatch.setenv("SPRA_BACKEND", backend)
+        monkeypatch.setenv("SPRA_TOOLS_BACKEND", backend)
         spra = tmp_path / f"{backend}.spra"
         assert (
             runner.invoke(

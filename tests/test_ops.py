@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -79,17 +82,29 @@ def test_empty_support_is_a_no_op():
 
 
 def test_backend_selection(monkeypatch):
-    monkeypatch.setenv("SPRA_BACKEND", "reference")
+    monkeypatch.setenv("SPRA_TOOLS_BACKEND", "reference")
     assert ops.backend_for("cpu") == "reference"
-    monkeypatch.setenv("SPRA_BACKEND", "auto")
+    monkeypatch.setenv("SPRA_TOOLS_BACKEND", "auto")
     assert ops.backend_for("cpu") in ("reference", "cpu")
-    monkeypatch.setenv("SPRA_BACKEND", "bogus")
-    with pytest.raises(SpraError, match="SPRA_BACKEND"):
+    monkeypatch.setenv("SPRA_TOOLS_BACKEND", "bogus")
+    with pytest.raises(SpraError, match="SPRA_TOOLS_BACKEND"):
         ops.backend_for("cpu")
     if not torch.cuda.is_available():  # whether or not the CUDA library is built
-        monkeypatch.setenv("SPRA_BACKEND", "cuda")
-        with pytest.raises(SpraError, match="SPRA_BACKEND=cuda is unavailable"):
+        monkeypatch.setenv("SPRA_TOOLS_BACKEND", "cuda")
+        with pytest.raises(SpraError, match="SPRA_TOOLS_BACKEND=cuda is unavailable"):
             ops.backend_for("cpu")
+
+
+def test_the_old_backend_variable_still_works_with_one_warning():
+    """SPRA_BACKEND, the name before the SPRA_TOOLS_ prefix, is read when SPRA_TOOLS_BACKEND is unset."""
+    code = "from spra_tools import ops; print(ops.backend_for('cpu'), ops.backend_for('cpu'))"
+    env = {k: v for k, v in os.environ.items() if k != "SPRA_TOOLS_BACKEND"} | {"SPRA_BACKEND": "reference"}
+    run = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", "-c", code], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["reference", "reference"]
+    assert run.stderr.count("DeprecationWarning: SPRA_BACKEND is deprecated; set SPRA_TOOLS_BACKEND instead") == 1
 
 
 def test_mismatched_lengths_are_refused():

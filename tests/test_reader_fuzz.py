@@ -7,7 +7,7 @@ negative and huge numbers, shapes like [2**40, 2**40], overlapping or out-of-ran
 duplicated, missing and extra tensors); and random edits of the adapter document (types, missing
 and extra keys, huge counts, duplicate tensor names, bad supports).
 
-The property (DESIGN.md §4: "Reading is defensive"):
+The property (docs/FORMAT.md §8: every check before any allocation):
 
 * `read_container` / `read_spra` either succeed or raise `spra_tools.errors.FormatError` —
   never another exception type (which the CLI would show as a traceback);

@@ -195,7 +195,7 @@ def test_adamw_op_is_the_reference_math_on_every_backend():
         originals = [w[i].clone() for w, i in zip(weights, indices)]
         results = []
         for backend in ("reference", "auto"):
-            os.environ["SPRA_BACKEND"] = backend
+            os.environ["SPRA_TOOLS_BACKEND"] = backend
             try:
                 w = [x.clone() for x in weights]
                 deltas, grads, m, v = ([x.clone() for x in xs] for xs in state)
@@ -205,7 +205,7 @@ def test_adamw_op_is_the_reference_math_on_every_backend():
                                weight_decay=0.05, step=3, grad_scale=scale)  # fmt: skip
                 results.append([bit_view(x) for x in (*w, *deltas, *m, *v)])
             finally:
-                os.environ.pop("SPRA_BACKEND")
+                os.environ.pop("SPRA_TOOLS_BACKEND")
         assert all(torch.equal(x, y) for x, y in zip(*results)), device
 
 
@@ -300,7 +300,7 @@ def test_cuda_training_matches_the_reference_backend(tmp_path, monkeypatch):
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(4)).cuda()
     adapters = []
     for backend in ("cuda", "reference"):
-        monkeypatch.setenv("SPRA_BACKEND", backend)
+        monkeypatch.setenv("SPRA_TOOLS_BACKEND", backend)
         monkeypatch.setenv("SPRA_TOOLS_SUPPORT_GRAD", "sddmm" if backend == "cuda" else "dense")
         model = _load(tmp_path / "base", torch.bfloat16, "cuda")
         sm = SparseModel(model, density=0.05, seed=5, targets=["all-linear"])

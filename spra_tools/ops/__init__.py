@@ -1,8 +1,8 @@
 """One front for every kernel: support generation, gather, scatter-apply, exact restore, and the
 training ops (weight gradients at the support, the fused AdamW step).
 
-The backend is chosen per call from ``SPRA_BACKEND`` (auto|reference|cpu|cuda; auto = the fastest
-available for the tensor's device). Every backend gives bit-identical results; the pure-torch
+The backend is chosen per call from ``SPRA_TOOLS_BACKEND`` (auto|reference|cpu|cuda; auto = the
+fastest available for the tensor's device; the old name ``SPRA_BACKEND`` still works). Every backend gives bit-identical results; the pure-torch
 `reference` backend defines them and is always available.
 
 Scatter-apply semantics, for every backend and weight dtype (fp32 / bf16 / fp16):
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -26,6 +27,8 @@ from . import extension
 from .library import DEFAULTS
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
+BACKEND_VARIABLE = "SPRA_TOOLS_BACKEND"
+_OLD_BACKEND_VARIABLE = "SPRA_BACKEND"  # its name before every variable took the SPRA_TOOLS_ prefix
 
 
 def compiled_backends(build: bool = False) -> dict[str, str]:
@@ -33,13 +36,29 @@ def compiled_backends(build: bool = False) -> dict[str, str]:
     return {kind: extension.load(kind, build) for kind in extension.KINDS}
 
 
+def backend_setting() -> tuple[str, str]:
+    """(variable, choice): the backend asked for in the environment, "auto" when none is."""
+    variable = BACKEND_VARIABLE
+    if variable not in os.environ and _OLD_BACKEND_VARIABLE in os.environ:
+        variable = _OLD_BACKEND_VARIABLE
+        _warn_old_variable()
+    return variable, os.environ.get(variable, "auto").strip().lower() or "auto"
+
+
+@functools.cache
+def _warn_old_variable() -> None:
+    warnings.warn(
+        f"{_OLD_BACKEND_VARIABLE} is deprecated; set {BACKEND_VARIABLE} instead", DeprecationWarning, stacklevel=4
+    )
+
+
 def backend_for(device: torch.device | str, build: bool = True) -> str:
-    """The backend that serves tensors on `device` under the current SPRA_BACKEND.
+    """The backend that serves tensors on `device` under the current SPRA_TOOLS_BACKEND.
 
     With `build`, a compiled backend not yet built is built now (once; cached)."""
-    choice = os.environ.get("SPRA_BACKEND", "auto").strip().lower() or "auto"
+    variable, choice = backend_setting()
     if choice not in BACKENDS:
-        raise SpraError(f"SPRA_BACKEND={choice!r} is not one of {', '.join(BACKENDS)}")
+        raise SpraError(f"{variable}={choice!r} is not one of {', '.join(BACKENDS)}")
     device_type = torch.device(device).type
     if choice == "auto":
         usable = device_type in extension.KINDS and extension.load(device_type, build) == "ok"
@@ -48,15 +67,15 @@ def backend_for(device: torch.device | str, build: bool = True) -> str:
         return "reference"
     status = extension.load(choice, build)
     if status != "ok":
-        raise SpraError(f"SPRA_BACKEND={choice} is unavailable ({status})")
+        raise SpraError(f"{variable}={choice} is unavailable ({status})")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SpraError("SPRA_BACKEND=cuda is unavailable (no CUDA device is visible)")
+        raise SpraError(f"{variable}=cuda is unavailable (no CUDA device is visible)")
     return choice
 
 
 def _op(name: str, device) -> Callable:
     """The kernel of op `name` for tensors on `device`: the reference, the compiled kernel of that
-    device, or — when SPRA_BACKEND names another device — that device's kernel on copies."""
+    device, or — when SPRA_TOOLS_BACKEND names another device — that device's kernel on copies."""
     backend = backend_for(device)
     if backend == "reference":
         return DEFAULTS[name]
