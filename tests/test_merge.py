@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spra_tools.adapter import Adapter, TensorDelta
-from spra_tools.algebra.merge import merge_adapters, recipe_to_args
+from spra_tools.algebra.merge import merge_adapters
+from spra_tools.algebra.recipe import MergeRequest, read_recipe
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
 from spra_tools.errors import SpraError
@@ -285,24 +286,24 @@ def test_base_is_verified_when_given(base, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_recipe_to_args(tmp_path):
+def test_read_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text(
         "merge_method: ties\nbase_model: meta-llama/Llama-3.1-8B\nparameters:\n  density: 0.5\n"
         "models:\n  - model: a.spra\n    parameters: {weight: 0.7}\n"
         "  - model: /abs/b.spra\n    parameters: {weight: 0.3, density: 0.2}\ndtype: bfloat16\n"
     )
-    args = recipe_to_args(tmp_path / "r.yaml")
-    assert args == {
-        "paths": [str(tmp_path / "a.spra"), "/abs/b.spra"],
-        "method": "ties",
-        "weights": [0.7, 0.3],
-        "density": [0.5, 0.2],
-        "seed": 0,
-        "base": "meta-llama/Llama-3.1-8B",
-    }
+    request = read_recipe(tmp_path / "r.yaml")
+    assert request == MergeRequest(
+        paths=(str(tmp_path / "a.spra"), "/abs/b.spra"),
+        method="ties",
+        weights=(0.7, 0.3),
+        density=(0.5, 0.2),
+        seed=0,
+        base="meta-llama/Llama-3.1-8B",
+    )
     (tmp_path / "s.yaml").write_text("merge_method: task_arithmetic\nmodels: [a.spra, b.spra]\nseed: 5\n")
-    args = recipe_to_args(tmp_path / "s.yaml")
-    assert (args["method"], args["weights"], args["density"], args["seed"]) == ("sum", None, None, 5)
+    request = read_recipe(tmp_path / "s.yaml")
+    assert (request.method, request.weights, request.density, request.seed) == ("sum", None, None, 5)
 
 
 BAD_RECIPES = [
@@ -323,4 +324,4 @@ BAD_RECIPES = [
 def test_bad_recipes(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(SpraError, match=message):
-        recipe_to_args(tmp_path / "bad.yaml")
+        read_recipe(tmp_path / "bad.yaml")

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from spra_tools.adapter import Adapter, TensorDelta
-from spra_tools.algebra.stack import compact_adapter, compare_adapters, reseed_adapter, stack_adapters
+from spra_tools.algebra.reseed import compact_adapter, reseed_adapter
+from spra_tools.algebra.stack import stack_adapters
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
 from spra_tools.errors import MismatchError, SpraError
+from spra_tools.report import compare_adapters
 from spra_tools.support import ExplicitSupport
 from spra_tools.surgery import apply_adapter, create_adapter
 

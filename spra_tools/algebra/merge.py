@@ -1,17 +1,9 @@
 """Merge adapters of one base into one adapter, with mergekit's task-arithmetic family of methods.
 
 Every adapter is a sparse task vector: zero outside its support. Per tensor the output support is
-the union of the inputs' supports, and the values are combined in fp32 by flat index:
-
-* ``sum`` (alias ``task_arithmetic``): ``sum_i w_i v_i`` (w_i = 1 unless weights are given);
-* ``mean``: ``sum_i v_i / n`` over all n adapters (an adapter without the tensor counts as zero);
-* ``weighted`` (alias ``linear``): ``sum_i w_i v_i / sum_i w_i``;
-* ``ties``: trim each v_i to its ``int(density * count_i)`` largest |values|, elect per index the
-  sign of ``sum_i w_i v_i'``, then the disjoint mean ``sum(agreeing w_i v_i') / sum(agreeing w_i)``;
-* ``dare_ties``: keep each value with probability density and rescale by 1/density, then the TIES
-  sign election, summing the agreeing ``w_i v_i'`` (mergekit does not normalise DARE);
-* ``dare_linear``: the DARE drop and rescale, then ``sum_i w_i v_i'``;
-* ``magnitude_prune``: the TIES trim, then ``sum_i w_i v_i'``.
+the union of the inputs' supports, and the values are combined in fp32 by flat index through the
+one pipeline that methods.py describes (sparsify, weight, elect signs, sum, normalize); each
+method is a record there.
 
 Dropped or trimmed values become zeros inside the union support (the support never shrinks), so a
 merge of seeded adapters sharing seed and density stays seeded. Sums are order-independent: the
@@ -28,30 +20,16 @@ fingerprint, so it requires `base`.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from .. import ops
 from ..adapter import Adapter, TensorDelta, dtype_name, fingerprints
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import SpraError
 from ..support import ExplicitSupport, SeededSupport, Support, fnv1a64
-
-METHODS = ("sum", "mean", "weighted", "ties", "dare_ties", "dare_linear", "magnitude_prune")
-ALIASES = {"task_arithmetic": "sum", "linear": "weighted"}
-TRIMMING = ("ties", "magnitude_prune")
-DROPPING = ("dare_ties", "dare_linear")
-
-
-def canonical_method(method: str) -> str:
-    """The method's canonical name (aliases resolved); SpraError for an unknown one."""
-    name = ALIASES.get(method, method)
-    if name not in METHODS:
-        known = ", ".join(sorted(METHODS + tuple(ALIASES)))
-        raise SpraError(f"unknown merge method {method!r} (known: {known})")
-    return name
+from .methods import DEFAULT_METHOD, MergeMethod, merge_method
+from .recipe import MergeRequest
 
 
 def dare_keep(seed: int, name: str, counts: list[int], density: list[float]) -> list[np.ndarray]:
@@ -73,7 +51,7 @@ def magnitude_keep(values: np.ndarray, density: float) -> np.ndarray:
 
 def merge_adapters(
     adapters: list[Adapter],
-    method: str = "sum",
+    method: str = DEFAULT_METHOD,
     weights: list[float] | None = None,
     density: float | list[float] | None = None,
     seed: int = 0,
@@ -82,24 +60,25 @@ def merge_adapters(
 ) -> tuple[Adapter, dict]:
     """Merge `adapters` (all of one base) into one; returns (adapter, report).
 
-    `weights`: one float per adapter (required by ``weighted``). `density`: the fraction of each
-    adapter's own values kept by the trimming/dropping methods, one float or one per adapter
-    (default 1.0). `base`: needed when a union support is new (its fingerprint), and then also
-    used to verify every input. `names`: labels of the inputs (paths) for the provenance.
+    `method`: a name or alias of methods.METHODS. `weights`: one float per adapter (required by
+    ``weighted``). `density`: the fraction of each adapter's own values kept by the trimming and
+    dropping methods, one float or one per adapter (default 1.0). `seed`: of DARE's draws.
+    `base`: needed when a union support is new (its fingerprint), and then also used to verify
+    every input. `names`: labels of the inputs (paths) for the provenance.
 
     The report: ``{"tensors": {name: {overlap, sign_conflicts, norms, out_norm}}, "overlap",
     "sign_conflicts", "values", "new_supports"}`` — overlap counts indices in more than one adapter,
     sign_conflicts those of them with both a positive and a negative input value, norms the fp32
     L2 norm of each input's values (None where an input lacks the tensor).
     """
-    method = canonical_method(method)
+    spec = merge_method(method)
     n = len(adapters)
     if n == 0:
         raise SpraError("nothing to merge: no adapters given")
     if names is not None and len(names) != n:
         raise ValueError("names must give one label per adapter")
-    w = _check_weights(method, weights, n)
-    d = _check_density(method, density, n)
+    w = spec.check_weights(weights, n)
+    d = spec.check_density(density, n)
     _check_bases(adapters, names)
     if base is not None:
         _verify_against(base, adapters, names)
@@ -109,7 +88,7 @@ def merge_adapters(
     totals = {"overlap": 0, "sign_conflicts": 0, "values": 0, "new_supports": 0}
     for tname in all_names:
         members = [(i, a.deltas[tname]) for i, a in enumerate(adapters) if tname in a.deltas]
-        delta, entry, new = _merge_tensor(tname, members, n, method, w, d, seed, base, names)
+        delta, entry, new = _merge_tensor(tname, members, n, spec, w, d, seed, base, names)
         deltas[tname] = delta
         report[tname] = entry
         totals["overlap"] += entry["overlap"]
@@ -119,7 +98,7 @@ def merge_adapters(
 
     dense = _merge_dense(adapters, deltas, names)
     exact = (
-        method == "sum"
+        spec.plain_sum
         and all(x == 1.0 for x in w)
         and all(a.exact for a in adapters)
         and totals["overlap"] == 0
@@ -131,7 +110,7 @@ def merge_adapters(
     ]
     provenance = {
         "method": "merge",
-        "merge_method": method,
+        "merge_method": spec.name,
         "parents": parents,
         "weights": weights if weights is None else [float(x) for x in weights],
         "density": density if density is None or isinstance(density, (int, float)) else d,
@@ -147,39 +126,6 @@ def merge_adapters(
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_weights(method: str, weights, n: int) -> list[float]:
-    if weights is None:
-        if method == "weighted":
-            raise SpraError("merge method 'weighted' (linear) needs weights, one per adapter")
-        return [1.0] * n
-    if method == "mean":
-        raise SpraError("merge method 'mean' takes no weights (use 'weighted')")
-    if len(weights) != n:
-        raise SpraError(f"got {len(weights)} weights for {n} adapters (need one per adapter)")
-    out = []
-    for x in weights:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise SpraError(f"merge weight {x!r} is not a finite number")
-        out.append(float(x))
-    if method == "weighted" and sum(out) == 0.0:
-        raise SpraError("merge weights sum to zero: 'weighted' divides by their sum")
-    return out
-
-
-def _check_density(method: str, density, n: int) -> list[float]:
-    if density is None:
-        return [1.0] * n
-    if method not in TRIMMING + DROPPING:
-        raise SpraError(f"density applies only to {', '.join(TRIMMING + DROPPING)}, not to {method!r}")
-    values = [density] * n if isinstance(density, (int, float)) and not isinstance(density, bool) else density
-    if not isinstance(values, (list, tuple)) or len(values) != n:
-        raise SpraError(f"density must be one number or one per adapter ({n}), got {density!r}")
-    for x in values:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < x <= 1.0:
-            raise SpraError(f"density must be in (0, 1], got {x!r}")
-    return [float(x) for x in values]
 
 
 def _label(names, i: int) -> str:
@@ -250,7 +196,7 @@ def _out_values_dtype(members) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _merge_tensor(name, members, n, method, w, d, seed, base, names):
+def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base, names):
     """(merged TensorDelta, report entry, whether the support is new) for one tensor."""
     _check_tensor(name, members, names)
     first = members[0][1]
@@ -284,7 +230,9 @@ def _merge_tensor(name, members, n, method, w, d, seed, base, names):
             fp = fingerprints(ops.gather(weight, torch.from_numpy(union)))
 
     entry = _stats(matrix, present)
-    combined = _combine(name, matrix, present, [i for i, _ in members], n, method, w, d, seed)
+    rows = [i for i, _ in members]
+    _sparsify(spec, name, matrix, present, rows, d, seed)
+    combined = _combine(spec, matrix, rows, w)
     values = combined.to(_out_values_dtype(members))
     entry["norms"] = _norms(members, n)
     entry["out_norm"] = float(torch.linalg.vector_norm(combined))
@@ -317,42 +265,39 @@ def _ordered_sum(terms: torch.Tensor) -> torch.Tensor:
     return terms.sum(0)
 
 
-def _combine(name, matrix, present, rows, n, method, w, d, seed) -> torch.Tensor:
-    """The merged fp32 values [U] from the inputs' values [m, U] (rows: their adapter numbers;
-    present: which entries each input holds, None when all share one support). Edits `matrix`."""
-    weight = torch.tensor([w[i] for i in rows], dtype=torch.float32)[:, None]  # [m, 1]
-    if method == "sum":
-        return _ordered_sum(matrix * weight if any(w[i] != 1.0 for i in rows) else matrix)
-    if method == "mean":
-        return _ordered_sum(matrix) / torch.tensor(float(n), dtype=torch.float32)
-    if method == "weighted":
-        return _ordered_sum(matrix * weight) / torch.tensor(sum(w), dtype=torch.float32)
-
+def _sparsify(spec: MergeMethod, name, matrix, present, rows, d, seed) -> None:
+    """Zero, in place, the values of each input [m, U] that its sparsifier drops (rows: the inputs'
+    adapter numbers; present: which entries each holds, None when all share one support); DARE
+    rescales the kept ones by 1/density."""
+    if spec.sparsify == "none":
+        return
     own = [
-        torch.arange(matrix.shape[1]) if present is None else torch.nonzero(present[k]).squeeze(1)
+        np.arange(matrix.shape[1]) if present is None else torch.nonzero(present[k]).squeeze(1).numpy()
         for k in range(len(rows))
-    ]
-    if method in TRIMMING:
-        for k, i in enumerate(rows):
-            pos = own[k].numpy()  # the input's own values, in support order
-            row = matrix[k].numpy()
-            row[pos[~magnitude_keep(row[pos], d[i])]] = 0.0
+    ]  # each input's own values, in support order
+    if spec.sparsify == "magnitude":
+        keep = [magnitude_keep(matrix[k].numpy()[pos], d[i]) for k, (i, pos) in enumerate(zip(rows, own))]
     else:
-        masks = dare_keep(seed, name, [p.numel() for p in own], [d[i] for i in rows])
-        for k, i in enumerate(rows):
-            pos = own[k].numpy()
-            row = matrix[k].numpy()
-            row[pos[~masks[k]]] = 0.0
-            if d[i] < 1.0:
-                row /= np.float32(d[i])
-    weighted = matrix * weight
-    if method in ("magnitude_prune", "dare_linear"):
-        return _ordered_sum(weighted)
+        keep = dare_keep(seed, name, [pos.size for pos in own], [d[i] for i in rows])
+    for k, i in enumerate(rows):
+        row = matrix[k].numpy()
+        row[own[k][~keep[k]]] = 0.0
+        if spec.sparsify == "random" and d[i] < 1.0:
+            row /= np.float32(d[i])
+
+
+def _combine(spec: MergeMethod, matrix, rows, w) -> torch.Tensor:
+    """The merged fp32 values [U] from the (sparsified) inputs' values [m, U]."""
+    weight = torch.tensor([w[i] for i in rows], dtype=torch.float32)[:, None]  # [m, 1]
+    weighted = matrix * weight if any(w[i] != 1.0 for i in rows) else matrix
+    if not spec.consensus:
+        total = _ordered_sum(weighted)
+        return total / torch.tensor(sum(w), dtype=torch.float32) if spec.normalize else total
     # TIES consensus: the sign of the (weighted) sum, 0 counting as positive.
     majority = torch.where(_ordered_sum(weighted) >= 0, 1.0, -1.0)
     agree = torch.sign(weighted) == majority
     mixed = _ordered_sum(torch.where(agree, weighted, 0.0))
-    if method == "dare_ties":
+    if not spec.normalize:
         return mixed
     divisor = _ordered_sum(torch.where(agree, weight.expand_as(weighted), 0.0))
     return mixed / torch.where(divisor == 0, 1.0, divisor)
@@ -371,106 +316,20 @@ def _merge_dense(adapters: list[Adapter], deltas: dict, names) -> dict[str, torc
     return dense
 
 
-# ---------------------------------------------------------------------------------------------
-# mergekit-style recipes
-# ---------------------------------------------------------------------------------------------
-
-_RECIPE_KEYS = {"merge_method", "models", "parameters", "base_model", "seed"}
-_IGNORED_KEYS = {"dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
-_PARAMS = ("weight", "density")
-
-
-def recipe_to_args(path) -> dict:
-    """Read a mergekit-style YAML recipe into merge arguments.
-
-    Accepts ``merge_method``, ``models: [{model: path, parameters: {weight, density}}]``, top-level
-    ``parameters`` (defaults for every model), ``base_model`` (returned as ``base``) and ``seed``.
-    Relative paths resolve against the recipe's folder. Returns ``{"paths", "method", "weights",
-    "density", "seed", "base"}`` (weights/density None when the recipe gives none).
-    """
-    import os
-
-    from ..fsutil import read_yaml
-
-    where = os.fspath(path)
-    doc = read_yaml(where, "recipe")
-
-    def bad(msg):
-        return SpraError(f"bad merge recipe: {msg}", where)
-
-    if not isinstance(doc, dict):
-        raise bad("expected a mapping with merge_method and models")
-    unknown = set(doc) - _RECIPE_KEYS - _IGNORED_KEYS
-    if unknown:
-        raise bad(f"unsupported keys {sorted(unknown)} (known: {sorted(_RECIPE_KEYS)})")
-    method = doc.get("merge_method")
-    if not isinstance(method, str):
-        raise bad("merge_method is missing or not a string")
-    try:
-        method = canonical_method(method)
-    except SpraError as e:
-        raise bad(e.message) from None
-    models = doc.get("models")
-    if not isinstance(models, list) or not models:
-        raise bad("models must be a non-empty list of {model: path, parameters: {...}}")
-    defaults = _recipe_params(doc.get("parameters"), "top-level parameters", bad)
-    root = os.path.dirname(os.path.abspath(where))
-
-    def resolve(p):
-        return p if os.path.isabs(p) else os.path.join(root, p)
-
-    paths, per_model = [], []
-    for k, entry in enumerate(models):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
-            raise bad(f"models[{k}] needs a 'model' path")
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            raise bad(f"models[{k}] has unsupported keys {sorted(extra)}")
-        paths.append(resolve(entry["model"]))
-        per_model.append({**defaults, **_recipe_params(entry.get("parameters"), f"models[{k}].parameters", bad)})
-
-    weights = [p.get("weight") for p in per_model]
-    if all(x is None for x in weights):
-        weights = None
-    elif any(x is None for x in weights):
-        missing = [k for k, x in enumerate(weights) if x is None]
-        raise bad(f"weight given for some models but not for models{missing}")
-    densities = [p.get("density") for p in per_model]
-    if all(x is None for x in densities):
-        density = None
-    elif len(set(densities)) == 1:
-        density = densities[0]
-    else:
-        density = [1.0 if x is None else x for x in densities]
-    seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise bad(f"seed must be a non-negative integer, got {seed!r}")
-    base = doc.get("base_model")
-    if base is not None and not isinstance(base, str):
-        raise bad("base_model must be a path or Hub id")
-    if base is not None and os.path.exists(resolve(base)):
-        base = resolve(base)
-    return {"paths": paths, "method": method, "weights": weights, "density": density, "seed": seed, "base": base}
-
-
-def _recipe_params(params, where: str, bad) -> dict:
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise bad(f"{where} must be a mapping")
-    unknown = set(params) - set(_PARAMS)
-    if unknown:
-        raise bad(f"{where}: unsupported parameters {sorted(unknown)} (supported: weight, density)")
-    for key, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(f"{where}.{key} must be a number (per-layer lists and filters are not supported)")
-    return {k: float(v) for k, v in params.items()}
+def merge_files(request: MergeRequest) -> tuple[Adapter, dict]:
+    """Merge the adapter files a request names (its base opened when it names one); returns
+    (adapter, report) as `merge_adapters`."""
+    if len(request.paths) < 2:
+        raise SpraError("merge needs at least two adapters (arguments or the recipe's models)")
+    adapters = [Adapter.load(p, allow_nonfinite=False) for p in request.paths]
+    base = open_checkpoint(request.base) if request.base else None
+    return merge_adapters(
+        adapters, request.method, request.weights, request.density, request.seed, base, list(request.paths)
+    )
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-__all__ = ["ALIASES", "METHODS", "canonical_method", "dare_keep", "magnitude_keep", "merge_adapters", "recipe_to_args"]
+__all__ = ["dare_keep", "magnitude_keep", "merge_adapters", "merge_files"]

@@ -1,0 +1,100 @@
+"""Move adapters between supports.
+
+`reseed_adapter`: project an adapter onto another seeded support (values kept where the supports
+meet, zero elsewhere) and report the retained share of ||Δ||². The same seed and density is the
+identity. `compact_adapter`: store as seeded every explicit support that is a seeded one (no value
+changes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..adapter import Adapter, TensorDelta, fingerprints
+from ..checkpoint import Checkpoint
+from ..errors import SpraError
+from ..support import ExplicitSupport, SeededSupport
+
+
+def reseed_adapter(
+    adapter: Adapter, seed: int, density: float | None = None, base: Checkpoint | None = None
+) -> tuple[Adapter, dict]:
+    """Move every tensor to the seeded support (seed, density); returns the adapter and a report.
+
+    `base` provides the fingerprints of the new supports; it is needed unless every tensor keeps
+    its support (the same seed and density: the identity)."""
+    deltas, report = {}, {}
+    kept_total = energy_total = 0.0
+    for name, d in adapter.deltas.items():
+        new_density = density if density is not None else _density_of(d)
+        try:
+            support = SeededSupport(seed, name, d.numel, new_density)
+        except ValueError as e:
+            raise SpraError(f"tensor {name!r}: {e}") from None
+        old = d.support.indices()
+        energy = float(d.values.double().square().sum())
+        if isinstance(d.support, SeededSupport) and d.support == support:
+            deltas[name] = d
+            kept = energy
+        else:
+            new = support.indices()
+            pos = np.searchsorted(old, new).clip(max=max(old.size - 1, 0))
+            hit = (old[pos] == new) if old.size else np.zeros(new.size, dtype=bool)
+            values = torch.zeros(support.count, dtype=d.values.dtype)
+            values[torch.from_numpy(hit)] = d.values[torch.from_numpy(pos[hit])]
+            kept = float(values.double().square().sum())
+            if base is None:
+                raise SpraError("reseeding to a new support needs the base (--base) for the fingerprints")
+            w = base.view(name)
+            deltas[name] = TensorDelta(
+                name, d.shape, d.dtype, support, values, fingerprints(ops.gather(w, ops.support_indices(support)))
+            )
+        report[name] = {"retained": kept / energy if energy else 1.0, "count": support.count}
+        kept_total, energy_total = kept_total + kept, energy_total + energy
+    provenance = {"method": "reseed", "seed": seed, "density": density, "parent": adapter.provenance}
+    out = Adapter(
+        deltas,
+        dict(adapter.dense),
+        adapter.base,
+        adapter.task,
+        provenance,
+        adapter.exact and kept_total == energy_total,
+    )
+    return out, {"tensors": report, "retained": kept_total / energy_total if energy_total else 1.0}
+
+
+def compact_adapter(adapter: Adapter, seed: int, density: float | None = None) -> tuple[Adapter, int]:
+    """Store as seeded every explicit support that equals the seeded one of (seed, density); returns
+    the adapter and how many tensors changed. Values and fingerprints are unchanged."""
+    deltas, changed = {}, 0
+    for name, d in adapter.deltas.items():
+        if isinstance(d.support, ExplicitSupport):
+            candidate = _matching_seeded(d, seed, density)
+            if candidate is not None:
+                d = TensorDelta(name, d.shape, d.dtype, candidate, d.values, d.fingerprint)
+                changed += 1
+        deltas[name] = d
+    return Adapter(deltas, dict(adapter.dense), adapter.base, adapter.task, adapter.provenance, adapter.exact), changed
+
+
+def _matching_seeded(d: TensorDelta, seed: int, density: float | None) -> SeededSupport | None:
+    candidates = [density] if density is not None else [d.count / d.numel] if d.numel else []
+    for dens in candidates:
+        try:
+            s = SeededSupport(seed, d.name, d.numel, dens)
+        except ValueError:
+            continue
+        if s.count == d.count and np.array_equal(s.indices(), d.support.indices()):
+            return s
+    return None
+
+
+def _density_of(d: TensorDelta) -> float:
+    if isinstance(d.support, SeededSupport):
+        return d.support.density
+    raise SpraError(f"tensor {d.name!r} has an explicit support: give --density")
+
+
+__all__ = ["compact_adapter", "reseed_adapter"]
