@@ -325,3 +325,16 @@ def test_bad_recipes(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(SpraError, match=message):
         read_recipe(tmp_path / "bad.yaml")
+
+
+def test_a_new_support_without_base_is_refused_before_any_merging(base, monkeypatch):
+    import spra_tools.algebra.merge as merge_module
+
+    a, b = make(base, 1, 1), make(base, 1, 2)
+    last = list(b.deltas)[-1]
+    b.deltas[last] = make(base, 2, 3).deltas[last]  # only the last tensor's union support is new
+    combined = []
+    monkeypatch.setattr(merge_module, "_combine", lambda *args: combined.append(args))
+    with pytest.raises(SpraError, match=f"tensor '{last}' has different supports .* add --base BASE"):
+        merge_adapters([a, b])
+    assert combined == [], "values were merged before the refusal"

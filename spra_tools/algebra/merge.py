@@ -14,8 +14,8 @@ DARE draws come from ``numpy.random.default_rng([seed, fnv1a64(tensor name)])``,
 Base check: a fingerprint covers only its adapter's support, so two fingerprints are comparable
 only when the supports are identical; elsewhere the adapters must agree on shapes, dtypes and the
 recorded base identity (name and numel), and — when `base` is given — every input is verified
-against it. A union support that is new (equal to no input's) needs base values for its
-fingerprint, so it requires `base`.
+against it. A union support that is new (equal to no input's: adapters of different seeds) needs
+base values for its fingerprint, so it requires `base`; every check runs before any merging.
 """
 
 from __future__ import annotations
@@ -80,14 +80,18 @@ def merge_adapters(
     w = spec.check_weights(weights, n)
     d = spec.check_density(density, n)
     _check_bases(adapters, names)
+    all_names = list(dict.fromkeys(t for a in adapters for t in a.deltas))
+    members_of = {t: [(i, a.deltas[t]) for i, a in enumerate(adapters) if t in a.deltas] for t in all_names}
+    for tname, members in members_of.items():
+        _check_tensor(tname, members, names)
+        if base is None:
+            _refuse_new_support(tname, members, names)
     if base is not None:
         _verify_against(base, adapters, names)
 
-    all_names = list(dict.fromkeys(t for a in adapters for t in a.deltas))
     deltas, report = {}, {}
     totals = {"overlap": 0, "sign_conflicts": 0, "values": 0, "new_supports": 0}
-    for tname in all_names:
-        members = [(i, a.deltas[tname]) for i, a in enumerate(adapters) if tname in a.deltas]
+    for tname, members in members_of.items():
         delta, entry, new = _merge_tensor(tname, members, n, spec, w, d, seed, base, names)
         deltas[tname] = delta
         report[tname] = entry
@@ -154,6 +158,22 @@ def _verify_against(base: Checkpoint, adapters: list[Adapter], names) -> None:
             raise SpraError(f"{problems[0]}{more}; is this the adapter's base?", _label(names, i))
 
 
+def _refuse_new_support(name: str, members: list[tuple[int, TensorDelta]], names) -> None:
+    """Refuse, before any merging, a tensor whose union support is new (no input's holds all the
+    others'): the fingerprints of a new support need the base weights."""
+    (i0, first), rest = members[0], members[1:]
+    odd = next((i for i, t in rest if not _same_support(t.support, first.support)), None)
+    if odd is None:
+        return
+    union = np.unique(np.concatenate([ops.support_indices(t.support).numpy() for _, t in members]))
+    if all(t.count != union.size for _, t in members):
+        raise SpraError(
+            f"tensor {name!r} has different supports in {_label(names, i0)} and {_label(names, odd)} (different "
+            "seeds?), so the merged support is new and its fingerprints need the base weights: add --base BASE, "
+            "the checkpoint the adapters were made on"
+        )
+
+
 def _same_support(a: Support, b: Support) -> bool:
     if isinstance(a, SeededSupport) and isinstance(b, SeededSupport):
         return a == b
@@ -197,8 +217,8 @@ def _out_values_dtype(members) -> torch.dtype:
 
 
 def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base, names):
-    """(merged TensorDelta, report entry, whether the support is new) for one tensor."""
-    _check_tensor(name, members, names)
+    """(merged TensorDelta, report entry, whether the support is new) for one tensor (checked, and
+    `base` given if its support is new)."""
     first = members[0][1]
     supports = [t.support for _, t in members]
     if all(_same_support(s, supports[0]) for s in supports[1:]):
@@ -219,11 +239,6 @@ def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base, names):
         new = owner is None
         if not new:
             support, fp = supports[owner], members[owner][1].fingerprint
-        elif base is None:
-            raise SpraError(
-                f"tensor {name!r}: the merged support is new (no input's support contains the others), "
-                "so its base fingerprint needs the base weights; pass the base model (--base)"
-            )
         else:
             support = ExplicitSupport(first.numel, union)
             weight = base.view(name)
@@ -321,8 +336,8 @@ def merge_files(request: MergeRequest) -> tuple[Adapter, dict]:
     (adapter, report) as `merge_adapters`."""
     if len(request.paths) < 2:
         raise SpraError("merge needs at least two adapters (arguments or the recipe's models)")
-    adapters = [Adapter.load(p, allow_nonfinite=False) for p in request.paths]
     base = open_checkpoint(request.base) if request.base else None
+    adapters = [Adapter.load(p, allow_nonfinite=False) for p in request.paths]
     return merge_adapters(
         adapters, request.method, request.weights, request.density, request.seed, base, list(request.paths)
     )

@@ -1,0 +1,63 @@
+"""Bad input to the algebra commands (merge, stack, reseed, diff, convert): one line, exit 1, nothing written.
+
+The same contract and checks as tests/test_errors.py (whose machinery this module uses: the `w`
+work-directory fixture, `Bad`, `check_refused`): stderr is one line naming the file, the exit code
+is 1, no traceback, no output or temporary appears, and every input is byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import test_errors
+from test_errors import Bad, W, check_refused
+
+from spra_tools.checkpoint import open_checkpoint
+from spra_tools.surgery import create_adapter
+
+# test_errors' work-directory fixture and the inputs it is built from.
+w = test_errors.w
+other_llama, wide_llama, fp32_adapter = test_errors.other_llama, test_errors.wide_llama, test_errors.fp32_adapter
+REPO = Path(__file__).resolve().parents[1]
+CASES: list[tuple[str, Callable[[W], Bad]]] = []
+
+
+def case(case_id: str):
+    def register(build: Callable[[W], Bad]) -> Callable[[W], Bad]:
+        CASES.append((case_id, build))
+        return build
+
+    return register
+
+
+def _created(w: W, name: str, seed: int, base: Path | None = None, density: float = 0.05) -> Path:
+    """A zero-valued seeded V/O adapter of `base` (default: the tiny Llama) under w.tmp."""
+    path = w.tmp / name
+    create_adapter(open_checkpoint(base or w.base), density, seed).save(path)
+    return path
+
+
+# -- merge ------------------------------------------------------------------------------------
+
+
+@case("merge-different-seeds-without-base")
+def _(w):
+    other = _created(w, "seed99.spra", 99)
+    return Bad(["merge", w.seeded, other, "-o", w.new_spra], "add --base BASE", w.seeded)
+
+
+@pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in CASES])
+def test_refused(build, w, call_cli, snapshot):
+    check_refused(build(w), w, call_cli, snapshot)
+
+
+def test_different_seeds_show_base_in_readme_and_help(call_cli):
+    """The README's and --help's merge examples show --base where the seeds differ."""
+    readme = (REPO / "README.md").read_text()
+    examples = [line for line in readme.splitlines() if line.startswith("spra-tools merge ")]
+    assert any("--base" in line and "seed" in line for line in examples), examples
+    help_text = call_cli("merge", "--help").stdout
+    assert re.search(r"spra-tools merge \S+ \S+ -o \S+ --base \S+ +# different seeds", help_text), help_text
