@@ -347,7 +347,7 @@ class _ChoiceFrom(click.Choice):
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1),
               help=f"Seed of the random drops ({methods.methods_taking('seed')}; default 0).")  # fmt: skip
 @click.option("--recipe", type=click.Path(dir_okay=False), help="A mergekit-style YAML recipe (merge_method, models).")
-@click.option("--base", help="The adapters' base checkpoint: needed when the union support is new (different seeds).")
+@click.option("--base", help="The adapters' base checkpoint: needed for a new support (different seeds, density < 1).")
 @click.option("--report", "report_path", help="Write the per-tensor report (overlap, sign conflicts, norms) as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_context
@@ -357,13 +357,14 @@ def merge(ctx, adapters, out, method, weights, density, seed, recipe, base, repo
     Flags override the recipe's values; adapters given as arguments replace its models.
 
     Adapters of one seed and density share their supports; adapters of different seeds make a new
-    union support, whose fingerprints need the base: give --base.
+    union support, and trimming or dropping (a density below 1) a smaller one: the fingerprints of
+    a new support need the base, so give --base.
 
     \b
     Examples:
       spra-tools merge math.spra code.spra chat.spra -o multi.spra
       spra-tools merge a.spra b.spra -o ab.spra --base ./llama   # different seeds
-      spra-tools merge a.spra b.spra -o ab.spra --method ties --density 0.5 --weights 1,0.7
+      spra-tools merge a.spra b.spra -o ab.spra --method ties --density 0.5 --weights 1,0.7 --base ./llama
       spra-tools merge --recipe merge.yaml -o multi.spra
     """
     from .algebra.merge import merge_files

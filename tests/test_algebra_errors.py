@@ -49,6 +49,12 @@ def _(w):
     return Bad(["merge", w.seeded, other, "-o", w.new_spra], "add --base BASE", w.seeded)
 
 
+@case("merge-ties-without-base")
+def _(w):
+    argv = ["merge", w.seeded, w.seeded, "-o", w.new_spra, "--method", "ties", "--density", "0.5"]
+    return Bad(argv, "the fingerprints of the smaller support need the base weights: add --base BASE")
+
+
 @pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in CASES])
 def test_refused(build, w, call_cli, snapshot):
     check_refused(build(w), w, call_cli, snapshot)

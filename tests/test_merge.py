@@ -20,7 +20,7 @@ from spra_tools.checkpoint import open_checkpoint
 from spra_tools.demo import build_tiny_model
 from spra_tools.errors import SpraError
 from spra_tools.support import ExplicitSupport, SeededSupport, fnv1a64
-from spra_tools.surgery import apply_adapter, create_adapter
+from spra_tools.surgery import apply_adapter, create_adapter, verify_adapter
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,8 @@ def test_methods_match_numpy_reference(base, method, weights, density, shared):
         ref = reference(adapters, name, CANON.get(method, method), weights, density, seed=3)
         got = dense_values(merged, name, d.numel)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8, err_msg=name)
-        assert isinstance(d.support, SeededSupport) == shared
+        # Values every input trims or drops leave the shared seeded support, which then becomes explicit.
+        assert isinstance(d.support, SeededSupport) == (shared and report["tensors"][name]["dropped"] == 0)
     again, _ = merge_adapters(adapters, method, weights, density, seed=3, base=base)
     for name, d in merged.deltas.items():
         assert torch.equal(_bits(d.values), _bits(again.deltas[name].values)), "same seed, same result"
@@ -133,8 +134,8 @@ def test_methods_match_numpy_reference(base, method, weights, density, shared):
 
 def test_dare_depends_on_seed(base):
     adapters = [make(base, 4, k) for k in range(2)]
-    one, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=1)
-    two, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=2)
+    one, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=1, base=base)
+    two, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=2, base=base)
     assert any(not torch.equal(one.deltas[n].values, two.deltas[n].values) for n in one.deltas)
 
 
@@ -188,7 +189,7 @@ def base_adapters(base):
 
 def test_seeded_in_seeded_out(base, tmp_path):
     adapters = [make(base, 11, k, density=0.1) for k in range(3)]
-    merged, report = merge_adapters(adapters, "ties", density=0.5)
+    merged, report = merge_adapters(adapters, "ties")  # density 1: nothing trimmed, the support stays
     for name, d in merged.deltas.items():
         assert d.support == adapters[0].deltas[name].support
         assert d.fingerprint == adapters[0].deltas[name].fingerprint
@@ -262,6 +263,7 @@ REFUSALS = [
     ("density zero", lambda b: [make(b, 1, 1)] * 2, {"method": "ties", "density": 0.0}, "(0, 1]"),
     ("density above one", lambda b: [make(b, 1, 1)] * 2, {"method": "dare_ties", "density": 1.5}, "(0, 1]"),
     ("density for sum", lambda b: [make(b, 1, 1)] * 2, {"density": 0.5}, "applies only"),
+    ("trimming without base", lambda b: [make(b, 1, 1)] * 2, {"method": "ties", "density": 0.5}, "add --base BASE"),
     ("unknown method", lambda b: [make(b, 1, 1)] * 2, {"method": "slerp"}, "unknown merge method"),
     ("new support without base", lambda b: [make(b, 1, 1), make(b, 2, 2)], {}, "--base"),
     ("nothing", lambda b: [], {}, "nothing to merge"),
@@ -338,3 +340,38 @@ def test_a_new_support_without_base_is_refused_before_any_merging(base, monkeypa
     with pytest.raises(SpraError, match=f"tensor '{last}' has different supports .* add --base BASE"):
         merge_adapters([a, b])
     assert combined == [], "values were merged before the refusal"
+
+
+def _kept_union(adapters, name, method, density, seed=0) -> np.ndarray:
+    """The indices some input keeps after its trim (largest |v|) or DARE drop: numpy, by hand."""
+    rng = np.random.default_rng([seed, fnv1a64(name.encode())])
+    kept = []
+    for a in adapters:
+        d = a.deltas[name]
+        idx, v = d.indices().numpy(), d.values.float().numpy()
+        if method in ("ties", "magnitude_prune"):
+            keep = np.argsort(-np.abs(v), kind="stable")[: int(density * v.size)]
+        else:
+            keep = np.flatnonzero(rng.random(v.size) < density)
+        kept.append(idx[keep])
+    return np.unique(np.concatenate(kept))
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("seeds", [(4, 4), (4, 5)], ids=["one-seed", "two-seeds"])
+def test_trimmed_values_leave_the_support(base, tmp_path, method, seeds):
+    adapters = [make(base, s, 20 + k) for k, s in enumerate(seeds)]
+    full, _ = merge_adapters(adapters, method, base=base)  # density 1: the union support
+    merged, report = merge_adapters(adapters, method, density=0.3, seed=7, base=base)
+    dropped = 0
+    for name, d in merged.deltas.items():
+        kept = _kept_union(adapters, name, method, 0.3, seed=7)
+        assert np.array_equal(d.indices().numpy(), kept), name
+        ref = reference(adapters, name, method, density=0.3, seed=7)
+        np.testing.assert_allclose(dense_values(merged, name, d.numel), ref.astype(np.float32), rtol=1e-2, atol=1e-4)
+        dropped += full.deltas[name].count - d.count
+    assert report["dropped"] == dropped > 0 and report["values"] == merged.num_values
+    assert verify_adapter(base, merged) == []  # the smaller supports are fingerprinted on the base
+    merged.save(tmp_path / "trimmed.spra")
+    full.save(tmp_path / "full.spra")
+    assert (tmp_path / "trimmed.spra").stat().st_size < 0.8 * (tmp_path / "full.spra").stat().st_size

@@ -5,8 +5,10 @@ the union of the inputs' supports, and the values are combined in fp32 by flat i
 one pipeline that methods.py describes (sparsify, weight, elect signs, sum, normalize); each
 method is a record there.
 
-Dropped or trimmed values become zeros inside the union support (the support never shrinks), so a
-merge of seeded adapters sharing seed and density stays seeded. Sums are order-independent: the
+Values that every input holding them trims or drops leave the support, so the file shrinks with
+the density; the smaller support is then stored explicitly and needs the base for its
+fingerprints. Without a sparsifying density (or with one of 1) the output support is the union,
+so a merge of seeded adapters sharing seed and density stays seeded. Sums are order-independent: the
 terms of each index are sorted before they are added, so any input order gives the same bits. The
 DARE draws come from ``numpy.random.default_rng([seed, fnv1a64(tensor name)])``, one
 ``random(count_i)`` per adapter in input order (`dare_keep`).
@@ -66,10 +68,12 @@ def merge_adapters(
     `base`: needed when a union support is new (its fingerprint), and then also used to verify
     every input. `names`: labels of the inputs (paths) for the provenance.
 
-    The report: ``{"tensors": {name: {overlap, sign_conflicts, norms, out_norm}}, "overlap",
-    "sign_conflicts", "values", "new_supports"}`` — overlap counts indices in more than one adapter,
-    sign_conflicts those of them with both a positive and a negative input value, norms the fp32
-    L2 norm of each input's values (None where an input lacks the tensor).
+    The report: ``{"tensors": {name: {overlap, sign_conflicts, dropped, norms, out_norm}},
+    "overlap", "sign_conflicts", "values", "dropped", "new_supports"}`` — overlap counts indices in
+    more than one adapter, sign_conflicts those of them with both a positive and a negative input
+    value, dropped the indices of the union that left the support (every input holding them trimmed
+    or dropped them; a tensor left with none is omitted), norms the fp32 L2 norm of each input's
+    values (None where an input lacks the tensor).
     """
     spec = merge_method(method)
     n = len(adapters)
@@ -79,6 +83,12 @@ def merge_adapters(
         raise ValueError("names must give one label per adapter")
     w = spec.check_weights(weights, n)
     d = spec.check_density(density, n)
+    if base is None and spec.sparsify != "none" and min(d) < 1.0:
+        raise SpraError(
+            f"merge method {spec.name!r} at density {min(d)} removes the values it drops from the support, and "
+            "the fingerprints of the smaller support need the base weights: add --base BASE, the checkpoint the "
+            "adapters were made on"
+        )
     _check_bases(adapters, names)
     all_names = list(dict.fromkeys(t for a in adapters for t in a.deltas))
     members_of = {t: [(i, a.deltas[t]) for i, a in enumerate(adapters) if t in a.deltas] for t in all_names}
@@ -90,14 +100,16 @@ def merge_adapters(
         _verify_against(base, adapters, names)
 
     deltas, report = {}, {}
-    totals = {"overlap": 0, "sign_conflicts": 0, "values": 0, "new_supports": 0}
+    totals = {"overlap": 0, "sign_conflicts": 0, "values": 0, "dropped": 0, "new_supports": 0}
     for tname, members in members_of.items():
-        delta, entry, new = _merge_tensor(tname, members, n, spec, w, d, seed, base, names)
-        deltas[tname] = delta
+        delta, entry, new = _merge_tensor(tname, members, n, spec, w, d, seed, base)
+        if delta.count:
+            deltas[tname] = delta
         report[tname] = entry
         totals["overlap"] += entry["overlap"]
         totals["sign_conflicts"] += entry["sign_conflicts"]
         totals["values"] += delta.count
+        totals["dropped"] += entry["dropped"]
         totals["new_supports"] += int(new)
 
     dense = _merge_dense(adapters, deltas, names)
@@ -216,14 +228,14 @@ def _out_values_dtype(members) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base, names):
+def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base):
     """(merged TensorDelta, report entry, whether the support is new) for one tensor (checked, and
     `base` given if its support is new)."""
     first = members[0][1]
     supports = [t.support for _, t in members]
     if all(_same_support(s, supports[0]) for s in supports[1:]):
         # Shared support: the values line up; no index work at all.
-        support, fp, new = supports[0], first.fingerprint, False
+        support, fp, union = supports[0], first.fingerprint, None
         matrix = torch.stack([t.values.to(torch.float32) for _, t in members])  # [m, count]
         present = None
     else:
@@ -236,21 +248,26 @@ def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base, names):
             pos = torch.from_numpy(np.searchsorted(union, flat))
             matrix[k, pos] = t.values.to(torch.float32)
             present[k, pos] = True
-        new = owner is None
-        if not new:
-            support, fp = supports[owner], members[owner][1].fingerprint
-        else:
-            support = ExplicitSupport(first.numel, union)
-            weight = base.view(name)
-            fp = fingerprints(ops.gather(weight, torch.from_numpy(union)))
+        support, fp = (supports[owner], members[owner][1].fingerprint) if owner is not None else (None, None)
 
     entry = _stats(matrix, present)
     rows = [i for i, _ in members]
-    _sparsify(spec, name, matrix, present, rows, d, seed)
+    kept = _sparsify(spec, name, matrix, present, rows, d, seed)
     combined = _combine(spec, matrix, rows, w)
-    values = combined.to(_out_values_dtype(members))
     entry["norms"] = _norms(members, n)
     entry["out_norm"] = float(torch.linalg.vector_norm(combined))
+    survivors = None if kept is None else kept.any(0)  # [U]: indices some input keeps
+    entry["dropped"] = 0 if survivors is None else int((~survivors).sum())
+    if entry["dropped"]:
+        flat = (ops.support_indices(support).numpy() if union is None else union)[survivors.numpy()]
+        support, combined = None, combined[survivors]
+    else:
+        flat = union
+    new = support is None
+    if new:  # the union, or what is left of it: fingerprinted on the base
+        support = ExplicitSupport(first.numel, flat)
+        fp = fingerprints(ops.gather(base.view(name), torch.from_numpy(flat)))
+    values = combined.to(_out_values_dtype(members))
     return TensorDelta(name, first.shape, first.dtype, support, values, dict(fp)), entry, new
 
 
@@ -280,12 +297,12 @@ def _ordered_sum(terms: torch.Tensor) -> torch.Tensor:
     return terms.sum(0)
 
 
-def _sparsify(spec: MergeMethod, name, matrix, present, rows, d, seed) -> None:
+def _sparsify(spec: MergeMethod, name, matrix, present, rows, d, seed) -> torch.Tensor | None:
     """Zero, in place, the values of each input [m, U] that its sparsifier drops (rows: the inputs'
     adapter numbers; present: which entries each holds, None when all share one support); DARE
-    rescales the kept ones by 1/density."""
+    rescales the kept ones by 1/density. Returns which entries survive [m, U] (None: all held)."""
     if spec.sparsify == "none":
-        return
+        return None
     own = [
         np.arange(matrix.shape[1]) if present is None else torch.nonzero(present[k]).squeeze(1).numpy()
         for k in range(len(rows))
@@ -294,11 +311,14 @@ def _sparsify(spec: MergeMethod, name, matrix, present, rows, d, seed) -> None:
         keep = [magnitude_keep(matrix[k].numpy()[pos], d[i]) for k, (i, pos) in enumerate(zip(rows, own))]
     else:
         keep = dare_keep(seed, name, [pos.size for pos in own], [d[i] for i in rows])
+    kept = torch.zeros(matrix.shape, dtype=torch.bool)
     for k, i in enumerate(rows):
         row = matrix[k].numpy()
         row[own[k][~keep[k]]] = 0.0
+        kept[k, torch.from_numpy(own[k][keep[k]])] = True
         if spec.sparsify == "random" and d[i] < 1.0:
             row /= np.float32(d[i])
+    return kept
 
 
 def _combine(spec: MergeMethod, matrix, rows, w) -> torch.Tensor:
