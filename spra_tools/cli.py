@@ -419,7 +419,9 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
 @click.argument("adapter")
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="Seed of the new supports.")
-@click.option("--density", type=float, help="Density of the new supports (default: the adapter's).")
+@click.option(
+    "--density", type=float, help="Density of the new supports (default: the adapter's; inferred with --compact)."
+)
 @click.option("--base", help="The base checkpoint: needed for the fingerprints of new supports.")
 @click.option("--compact", is_flag=True, help="Only store explicit supports that equal the seeded one as seeded.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -440,7 +442,7 @@ def reseed(ctx, adapter, out, seed, density, base, compact, overwrite):
     check_output(out, overwrite)
     a = _load(adapter)
     if compact:
-        result, changed = compact_adapter(a, seed, density)
+        result, changed = compact_adapter(a, seed, density, adapter)
         result.save(out, overwrite)
         _say(ctx, f"wrote {out}: {changed} of {len(a.deltas)} tensors now seeded")
         return

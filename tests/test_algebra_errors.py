@@ -11,11 +11,15 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import test_errors
+import torch
 from test_errors import Bad, W, check_refused
 
+from spra_tools.adapter import Adapter, TensorDelta
 from spra_tools.checkpoint import open_checkpoint
+from spra_tools.support import ExplicitSupport
 from spra_tools.surgery import create_adapter
 
 # test_errors' work-directory fixture and the inputs it is built from.
@@ -53,6 +57,23 @@ def _(w):
 def _(w):
     argv = ["merge", w.seeded, w.seeded, "-o", w.new_spra, "--method", "ties", "--density", "0.5"]
     return Bad(argv, "the fingerprints of the smaller support need the base weights: add --base BASE")
+
+
+# -- reseed ------------------------------------------------------------------------------------
+
+
+@case("reseed-compact-no-density-reproduces")
+def _(w):
+    # Two blocks of 2**16, all 100 indices in the first: floor(d * 2**16) = floor(d * 2**17) = 100
+    # has no solution, so no seed and density give this support.
+    name = "model.layers.0.mlp.big.weight"
+    support = ExplicitSupport(2 * 65536, np.arange(100))
+    delta = TensorDelta(
+        name, (2, 65536), torch.bfloat16, support, torch.ones(100, dtype=torch.bfloat16), {"BF16": "0" * 16}
+    )
+    path = w.tmp / "uneven.spra"
+    Adapter({name: delta}, base={"name": "x"}).save(path)
+    return Bad(["reseed", path, "--compact", "--seed", "7", "-o", w.new_spra], "no density reproduces", path)
 
 
 @pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in CASES])

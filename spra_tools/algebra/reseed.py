@@ -3,10 +3,13 @@
 `reseed_adapter`: project an adapter onto another seeded support (values kept where the supports
 meet, zero elsewhere) and report the retained share of ||Δ||². The same seed and density is the
 identity. `compact_adapter`: store as seeded every explicit support that is a seeded one (no value
-changes).
+changes), inferring each tensor's density when none is given.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import numpy as np
 import torch
@@ -15,7 +18,7 @@ from .. import ops
 from ..adapter import Adapter, TensorDelta, fingerprints
 from ..checkpoint import Checkpoint
 from ..errors import SpraError
-from ..support import ExplicitSupport, SeededSupport
+from ..support import BLOCK, ExplicitSupport, SeededSupport, block_counts
 
 
 def reseed_adapter(
@@ -65,13 +68,18 @@ def reseed_adapter(
     return out, {"tensors": report, "retained": kept_total / energy_total if energy_total else 1.0}
 
 
-def compact_adapter(adapter: Adapter, seed: int, density: float | None = None) -> tuple[Adapter, int]:
+def compact_adapter(
+    adapter: Adapter, seed: int, density: float | None = None, where: str | os.PathLike | None = None
+) -> tuple[Adapter, int]:
     """Store as seeded every explicit support that equals the seeded one of (seed, density); returns
-    the adapter and how many tensors changed. Values and fingerprints are unchanged."""
+    the adapter and how many tensors changed. Values and fingerprints are unchanged.
+
+    Without `density` each tensor's is inferred (`seeded_density`); a support that no density
+    reproduces is refused (SpraError naming `where`)."""
     deltas, changed = {}, 0
     for name, d in adapter.deltas.items():
         if isinstance(d.support, ExplicitSupport):
-            candidate = _matching_seeded(d, seed, density)
+            candidate = _matching_seeded(d, seed, density, where)
             if candidate is not None:
                 d = TensorDelta(name, d.shape, d.dtype, candidate, d.values, d.fingerprint)
                 changed += 1
@@ -79,15 +87,47 @@ def compact_adapter(adapter: Adapter, seed: int, density: float | None = None) -
     return Adapter(deltas, dict(adapter.dense), adapter.base, adapter.task, adapter.provenance, adapter.exact), changed
 
 
-def _matching_seeded(d: TensorDelta, seed: int, density: float | None) -> SeededSupport | None:
-    candidates = [density] if density is not None else [d.count / d.numel] if d.numel else []
-    for dens in candidates:
-        try:
-            s = SeededSupport(seed, d.name, d.numel, dens)
-        except ValueError:
-            continue
-        if s.count == d.count and np.array_equal(s.indices(), d.support.indices()):
-            return s
+def seeded_density(d: TensorDelta) -> float | None:
+    """A density at which the seeded scheme puts as many elements in every block as `d`'s support
+    holds (so that the right seed gives exactly this support), or None if there is none.
+
+    Block b = [s, e) of a seeded support holds floor(dens*e) - floor(dens*s) elements, so dens must
+    give floor(dens*e) = (indices below e) at every block end e — floor(dens*numel) = count among
+    them: an interval [lo, hi). Of its values the shortest decimal is taken (the density a person
+    typed), checked exactly as the scheme computes it."""
+    ends = np.minimum(np.arange(1, -(-d.numel // BLOCK) + 1, dtype=np.int64) * BLOCK, d.numel)
+    below = np.searchsorted(d.support.indices(), ends)  # [blocks]: indices below each block end
+    lo = float(np.max(below / ends, initial=0.0))
+    hi = float(np.min((below + 1) / ends, initial=np.inf))
+    decimals = [max(math.ceil(lo * 10.0**k), 1) / 10.0**k for k in range(1, 18)]
+    for candidate in [*decimals, lo, math.nextafter(lo, 2.0)]:  # lo itself may round below the interval
+        if candidate < hi and _counts_match(d.numel, candidate, below):
+            return candidate
+    return None
+
+
+def _counts_match(numel: int, density: float, below: np.ndarray) -> bool:
+    try:
+        return np.array_equal(block_counts(numel, density), below)
+    except ValueError:  # not a density at all
+        return False
+
+
+def _matching_seeded(d: TensorDelta, seed: int, density: float | None, where) -> SeededSupport | None:
+    if density is None:
+        density = seeded_density(d)
+        if density is None:
+            raise SpraError(
+                f"tensor {d.name!r}: no density reproduces its support's count ({d.count} of {d.numel}) in every "
+                "block of the seeded scheme, so no seed gives this support: it cannot be stored as seeded",
+                where,
+            )
+    try:
+        s = SeededSupport(seed, d.name, d.numel, density)
+    except ValueError:
+        return None
+    if s.count == d.count and np.array_equal(s.indices(), d.support.indices()):
+        return s
     return None
 
 
@@ -97,4 +137,4 @@ def _density_of(d: TensorDelta) -> float:
     raise SpraError(f"tensor {d.name!r} has an explicit support: give --density")
 
 
-__all__ = ["compact_adapter", "reseed_adapter"]
+__all__ = ["compact_adapter", "reseed_adapter", "seeded_density"]
