@@ -446,7 +446,7 @@ def reseed(ctx, adapter, out, seed, density, base, compact, overwrite):
         result.save(out, overwrite)
         _say(ctx, f"wrote {out}: {changed} of {len(a.deltas)} tensors now seeded")
         return
-    result, report = reseed_adapter(a, seed, density, open_checkpoint(base) if base else None)
+    result, report = reseed_adapter(a, seed, density, open_checkpoint(base) if base else None, adapter)
     result.save(out, overwrite)
     _say(ctx, f"wrote {out}: {result.num_values:,} values; retained {report['retained']:.2%} of ||Δ||²")
 

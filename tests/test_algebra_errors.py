@@ -19,7 +19,7 @@ from test_errors import Bad, W, check_refused
 
 from spra_tools.adapter import Adapter, TensorDelta
 from spra_tools.checkpoint import open_checkpoint
-from spra_tools.support import ExplicitSupport
+from spra_tools.support import ExplicitSupport, SeededSupport
 from spra_tools.surgery import create_adapter
 
 # test_errors' work-directory fixture and the inputs it is built from.
@@ -74,6 +74,49 @@ def _(w):
     path = w.tmp / "uneven.spra"
     Adapter({name: delta}, base={"name": "x"}).save(path)
     return Bad(["reseed", path, "--compact", "--seed", "7", "-o", w.new_spra], "no density reproduces", path)
+
+
+@case("reseed-base-other-shapes")
+def _(w):
+    wide = _created(w, "wide.spra", 7, base=w.wide)  # [128, 128] tensors against a [64, 64] base
+    argv = ["reseed", wide, "--base", w.base, "--seed", "5", "-o", w.new_spra]
+    return Bad(argv, "shape [64, 64] in the base, [128, 128] in the adapter", wide)
+
+
+@case("reseed-base-wrong-fingerprints")
+def _(w):
+    # Same shapes, other weights: reseeding must not launder the wrong base into new fingerprints.
+    argv = ["reseed", w.seeded, "--base", w.other, "--seed", "5", "-o", w.new_spra]
+    return Bad(argv, "fingerprint mismatch", w.seeded)
+
+
+@case("reseed-base-wrong-fingerprints-same-seed")
+def _(w):
+    argv = ["reseed", w.seeded, "--base", w.other, "--seed", "1234", "-o", w.new_spra]
+    return Bad(argv, "fingerprint mismatch", w.seeded)
+
+
+@case("reseed-base-lacks-the-tensor")
+def _(w):
+    adapter = Adapter.load(w.seeded)
+    old = next(iter(adapter.deltas))
+    d = adapter.deltas.pop(old)
+    name = old.replace("layers.0.", "layers.9.")
+    support = SeededSupport(d.support.seed, name, d.numel, d.support.density)
+    adapter.deltas[name] = TensorDelta(name, d.shape, d.dtype, support, d.values, d.fingerprint)
+    adapter.save(path := w.tmp / "extra.spra")
+    argv = ["reseed", path, "--base", w.base, "--seed", "5", "-o", w.new_spra]
+    return Bad(argv, f"tensor '{name}': not in the base", path)
+
+
+# -- stack -------------------------------------------------------------------------------------
+
+
+@case("stack-other-shapes")
+def _(w):
+    wide = _created(w, "wide.spra", 7, base=w.wide)
+    argv = ["stack", w.base, w.seeded, wide, "-o", w.new_spra]
+    return Bad(argv, "shape [64, 64] in the base, [128, 128] in the adapter", wide)
 
 
 @pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in CASES])

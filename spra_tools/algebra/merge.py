@@ -30,6 +30,7 @@ from ..adapter import Adapter, TensorDelta, dtype_name, fingerprints
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import SpraError
 from ..support import ExplicitSupport, SeededSupport, Support, fnv1a64
+from .checks import check_fits
 from .methods import DEFAULT_METHOD, MergeMethod, merge_method
 from .recipe import MergeRequest
 
@@ -161,13 +162,8 @@ def _check_bases(adapters: list[Adapter], names) -> None:
 
 
 def _verify_against(base: Checkpoint, adapters: list[Adapter], names) -> None:
-    from ..surgery import verify_adapter
-
     for i, a in enumerate(adapters):
-        problems = verify_adapter(base, a)
-        if problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise SpraError(f"{problems[0]}{more}; is this the adapter's base?", _label(names, i))
+        check_fits(base, a, _label(names, i))
 
 
 def _refuse_new_support(name: str, members: list[tuple[int, TensorDelta]], names) -> None:

@@ -19,23 +19,37 @@ from ..adapter import Adapter, TensorDelta, fingerprints
 from ..checkpoint import Checkpoint
 from ..errors import SpraError
 from ..support import BLOCK, ExplicitSupport, SeededSupport, block_counts
+from .checks import check_fits
 
 
 def reseed_adapter(
-    adapter: Adapter, seed: int, density: float | None = None, base: Checkpoint | None = None
+    adapter: Adapter,
+    seed: int,
+    density: float | None = None,
+    base: Checkpoint | None = None,
+    where: str | os.PathLike | None = None,
 ) -> tuple[Adapter, dict]:
     """Move every tensor to the seeded support (seed, density); returns the adapter and a report.
 
     `base` provides the fingerprints of the new supports; it is needed unless every tensor keeps
-    its support (the same seed and density: the identity)."""
+    its support (the same seed and density: the identity). When given, the adapter is verified
+    against it first (names, shapes, dtypes, fingerprints), so a wrong base is refused rather than
+    fingerprinted into the result; `where` names the adapter in errors."""
+    supports = {}
+    for name, d in adapter.deltas.items():
+        new_density = density if density is not None else _density_of(d, where)
+        try:
+            supports[name] = SeededSupport(seed, name, d.numel, new_density)
+        except ValueError as e:
+            raise SpraError(f"tensor {name!r}: {e}", where) from None
+    if base is not None:
+        check_fits(base, adapter, where)
+    elif any(supports[n] != d.support for n, d in adapter.deltas.items()):
+        raise SpraError("reseeding to a new support needs the base (--base) for the fingerprints", where)
     deltas, report = {}, {}
     kept_total = energy_total = 0.0
     for name, d in adapter.deltas.items():
-        new_density = density if density is not None else _density_of(d)
-        try:
-            support = SeededSupport(seed, name, d.numel, new_density)
-        except ValueError as e:
-            raise SpraError(f"tensor {name!r}: {e}") from None
+        support = supports[name]
         old = d.support.indices()
         energy = float(d.values.double().square().sum())
         if isinstance(d.support, SeededSupport) and d.support == support:
@@ -48,8 +62,6 @@ def reseed_adapter(
             values = torch.zeros(support.count, dtype=d.values.dtype)
             values[torch.from_numpy(hit)] = d.values[torch.from_numpy(pos[hit])]
             kept = float(values.double().square().sum())
-            if base is None:
-                raise SpraError("reseeding to a new support needs the base (--base) for the fingerprints")
             w = base.view(name)
             deltas[name] = TensorDelta(
                 name, d.shape, d.dtype, support, values, fingerprints(ops.gather(w, ops.support_indices(support)))
@@ -131,10 +143,10 @@ def _matching_seeded(d: TensorDelta, seed: int, density: float | None, where) ->
     return None
 
 
-def _density_of(d: TensorDelta) -> float:
+def _density_of(d: TensorDelta, where) -> float:
     if isinstance(d.support, SeededSupport):
         return d.support.density
-    raise SpraError(f"tensor {d.name!r} has an explicit support: give --density")
+    raise SpraError(f"tensor {d.name!r} has an explicit support: give --density", where)
 
 
 __all__ = ["compact_adapter", "reseed_adapter", "seeded_density"]

@@ -16,6 +16,7 @@ from .. import ops
 from ..adapter import TORCH_DTYPES, Adapter, explicit_delta
 from ..checkpoint import Checkpoint
 from ..errors import MismatchError, SpraError
+from .checks import check_fits
 from .diff import exact_values
 
 
@@ -23,11 +24,11 @@ def stack_adapters(base: Checkpoint, adapters: list[tuple[str, Adapter]], values
     """One adapter equal to applying `adapters` in order (each checked against the weights it lands on)."""
     if not adapters:
         raise SpraError("nothing to stack")
+    for path, a in adapters:  # fingerprints per step below: each may be of the weights before it
+        check_fits(base, a, path, fingerprints=False)
     names = list(dict.fromkeys(n for _, a in adapters for n in a.deltas))
     deltas, dense = {}, {}
     for name in names:
-        if name not in base:
-            raise MismatchError(f"tensor {name!r}: not in the base", adapters[0][0])
         w = base.read(name).reshape(-1)
         touching = [(p, a.deltas[name]) for p, a in adapters if name in a.deltas]
         union = torch.from_numpy(np.unique(np.concatenate([d.support.indices() for _, d in touching])))

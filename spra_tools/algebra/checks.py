@@ -1,0 +1,48 @@
+"""Does an adapter fit a base? The check merge, stack and reseed run before any work.
+
+Names, shapes and dtypes come from the headers (no tensor data is read), and are checked before
+anything is gathered at a support: a support indexes the flat tensor the adapter was made on, so
+gathering it from a tensor of another shape would read out of bounds. Fingerprints then compare
+the base values at each support.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import ops
+from ..adapter import Adapter, dtype_name
+from ..checkpoint import Checkpoint
+from ..errors import MismatchError
+
+
+def base_problems(base: Checkpoint, adapter: Adapter, fingerprints: bool = True) -> list[str]:
+    """Every way `adapter` does not fit `base`, one "tensor 'name': why" line per tensor (empty when
+    it fits); `fingerprints=False` checks names, shapes and dtypes only."""
+    problems = []
+    for name, d in adapter.deltas.items():
+        if name not in base:
+            why = "not in the base"
+        elif base.info(name).shape != d.shape:
+            why = f"shape {list(base.info(name).shape)} in the base, {list(d.shape)} in the adapter"
+        elif base.info(name).dtype != dtype_name(d.dtype):
+            why = f"dtype {base.info(name).dtype} in the base, {dtype_name(d.dtype)} in the adapter"
+        elif fingerprints:
+            weight = base.view(name)
+            why = d.mismatch(weight, ops.gather(weight, d.indices()))
+        else:
+            why = None
+        if why:
+            problems.append(f"tensor {name!r}: {why}")
+    return problems
+
+
+def check_fits(base: Checkpoint, adapter: Adapter, where: str | os.PathLike | None, fingerprints: bool = True) -> None:
+    """Raise one MismatchError line naming `where` unless `adapter` fits `base` (`base_problems`)."""
+    problems = base_problems(base, adapter, fingerprints)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MismatchError(f"{problems[0]}{more}; is this the adapter's base?", where)
+
+
+__all__ = ["base_problems", "check_fits"]
