@@ -36,6 +36,42 @@ def _load(path: str, allow_nonfinite: bool = True):
     return Adapter.load(path, allow_nonfinite=allow_nonfinite)
 
 
+def _check_outputs(out: str, overwrite: bool, report_path: str | None = None) -> None:
+    """Refuse, before any work, an output (and a --report file) that could not be written."""
+    from pathlib import Path
+
+    from .errors import SpraError
+    from .fsutil import check_output
+
+    check_output(out, overwrite)
+    if report_path:
+        if Path(report_path).is_dir():
+            raise SpraError("is a directory (--report takes a file name)", report_path)
+        check_output(report_path, overwrite=True)
+
+
+def _save(adapter, out: str, overwrite: bool, report: dict | None = None, report_path: str | None = None) -> None:
+    """Write the adapter and, when asked, its JSON report: both or neither (each goes to a temporary
+    first; the adapter is moved into place last)."""
+    import contextlib
+
+    from .errors import SpraError
+    from .fsutil import atomic_path
+
+    with contextlib.ExitStack() as outputs:
+        adapter_tmp = outputs.enter_context(atomic_path(out, overwrite))
+        if report_path:
+            report_tmp = outputs.enter_context(atomic_path(report_path, overwrite=True))
+            try:
+                report_tmp.write_text(json.dumps(report, indent=2) + "\n")
+            except OSError as e:
+                raise SpraError(f"cannot write ({e.strerror})", report_path) from None
+        try:
+            adapter.save(adapter_tmp)
+        except SpraError as e:  # name the output, not its temporary
+            raise SpraError(e.message, out if e.path == os.fspath(adapter_tmp) else e.path) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="spra-tools")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -192,9 +228,8 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
     from .adapter import CLI_DTYPES
     from .algebra import diff_checkpoints
     from .checkpoint import open_checkpoint
-    from .fsutil import atomic_path, check_output
 
-    check_output(out, overwrite)
+    _check_outputs(out, overwrite, report_path)
     adapter, report = diff_checkpoints(
         open_checkpoint(base),
         open_checkpoint(tuned),
@@ -204,10 +239,7 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
         CLI_DTYPES[values_dtype],
         _progress(ctx),
     )
-    adapter.save(out, overwrite)
-    if report_path:
-        with atomic_path(report_path, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    _save(adapter, out, overwrite, report, report_path)
     upgraded = [n for n, r in report["tensors"].items() if "values" in r]
     _say(
         ctx,
@@ -369,17 +401,13 @@ def merge(ctx, adapters, out, method, weights, density, seed, recipe, base, repo
     """
     from .algebra.merge import merge_files
     from .algebra.recipe import MergeRequest, read_recipe
-    from .fsutil import atomic_path, check_output
 
-    check_output(out, overwrite)
+    _check_outputs(out, overwrite, report_path)
     request = (read_recipe(recipe) if recipe else MergeRequest()).with_flags(
         adapters, method, weights, density, seed, base
     )
     merged, report = merge_files(request)
-    merged.save(out, overwrite)
-    if report_path:
-        with atomic_path(report_path, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    _save(merged, out, overwrite, report, report_path)
     _say(
         ctx,
         f"wrote {out}: {merged.num_values:,} values in {len(merged.deltas)} tensors from {len(request.paths)} adapters"

@@ -59,6 +59,45 @@ def _(w):
     return Bad(argv, "the fingerprints of the smaller support need the base weights: add --base BASE")
 
 
+# -- outputs: every one checked before the work; all written or none ---------------------------
+
+
+def _with_report(w: W, command: str, report: Path) -> list:
+    inputs = [w.seeded, w.seeded] if command == "merge" else [w.base, w.other]
+    return [command, *inputs, "-o", w.new_spra, "--report", report]
+
+
+@pytest.mark.parametrize("command", ["merge", "diff"])
+def test_report_parent_missing_writes_nothing(command, w, call_cli, snapshot):
+    missing = w.tmp / "missing"
+    bad = Bad(_with_report(w, command, missing / "r.json"), "output directory does not exist", missing)
+    check_refused(bad, w, call_cli, snapshot)
+
+
+@pytest.mark.parametrize("command", ["merge", "diff"])
+def test_report_that_is_a_directory_is_not_replaced(command, w, call_cli, snapshot):
+    folder = w.tmp / "reports"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("precious")
+    bad = Bad(_with_report(w, command, folder), "is a directory", folder)
+    check_refused(bad, w, call_cli, snapshot)
+
+
+@pytest.mark.parametrize("command", ["merge", "diff"])
+def test_report_write_failure_leaves_no_output(command, w, call_cli, monkeypatch):
+    """A report that cannot be written once the work is done (a full disk): neither file appears."""
+    import pathlib
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    report = w.tmp / "r.json"
+    r = call_cli(*_with_report(w, command, report))
+    assert r.rc == 1 and r.stderr == f"spra-tools: error: {report}: cannot write (No space left on device)\n"
+    assert sorted(p.name for p in w.tmp.iterdir()) == []
+
+
 # -- reseed ------------------------------------------------------------------------------------
 
 
@@ -131,3 +170,15 @@ def test_different_seeds_show_base_in_readme_and_help(call_cli):
     assert any("--base" in line and "seed" in line for line in examples), examples
     help_text = call_cli("merge", "--help").stdout
     assert re.search(r"spra-tools merge \S+ \S+ -o \S+ --base \S+ +# different seeds", help_text), help_text
+
+
+def test_adapter_write_failure_names_the_output(w, call_cli, monkeypatch):
+    import spra_tools.format as fmt
+
+    def full(f, spra):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fmt, "write_spra", full)
+    r = call_cli(*_with_report(w, "merge", w.tmp / "r.json"))
+    assert r.rc == 1 and r.stderr == f"spra-tools: error: {w.new_spra}: cannot write (No space left on device)\n"
+    assert sorted(p.name for p in w.tmp.iterdir()) == []
