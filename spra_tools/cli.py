@@ -435,7 +435,7 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
     from .fsutil import check_output
 
     check_output(out, overwrite)
-    stacked = stack_adapters(open_checkpoint(base), [(p, _load(p, False)) for p in adapters], CLI_DTYPES[values_dtype])
+    stacked = stack_adapters(open_checkpoint(base), [(p, _load(p)) for p in adapters], CLI_DTYPES[values_dtype])
     stacked.save(out, overwrite)
     _say(
         ctx,

@@ -182,3 +182,24 @@ def test_adapter_write_failure_names_the_output(w, call_cli, monkeypatch):
     r = call_cli(*_with_report(w, "merge", w.tmp / "r.json"))
     assert r.rc == 1 and r.stderr == f"spra-tools: error: {w.new_spra}: cannot write (No space left on device)\n"
     assert sorted(p.name for p in w.tmp.iterdir()) == []
+
+
+def _nan_adapter(w: W) -> Path:
+    return Path(test_errors._nonfinite(w, float("nan"), "nan.spra").argv[2])
+
+
+# (id, build: w -> (argv, the file stderr must name, or None))
+NONFINITE = [
+    ("merge-nan-input", lambda w: (["merge", p := _nan_adapter(w), w.seeded, "-o", w.new_spra], p)),
+    ("merge-overflow", lambda w: (["merge", w.seeded, w.seeded, "-o", w.new_spra, "--weights", "1e39,1e39"], None)),
+    ("stack-nan-input", lambda w: (["stack", w.base, p := _nan_adapter(w), "-o", w.new_spra], p)),
+]
+
+
+@pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in NONFINITE])
+def test_nonfinite_refusals_suggest_only_existing_options(build, w, call_cli, snapshot):
+    argv, names = build(w)
+    check_refused(Bad(argv, "Inf", names), w, call_cli, snapshot)
+    hinted = re.findall(r"--[a-z][a-z-]+", call_cli(*argv).stderr)
+    help_text = call_cli(argv[0], "--help").stdout
+    assert all(option in help_text for option in hinted), f"suggests {hinted}, which {argv[0]} does not accept"

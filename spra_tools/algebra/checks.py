@@ -1,4 +1,5 @@
-"""Does an adapter fit a base? The check merge, stack and reseed run before any work.
+"""What merge, stack and reseed check of their inputs before any work: does an adapter fit a base,
+and are its values finite.
 
 Names, shapes and dtypes come from the headers (no tensor data is read), and are checked before
 anything is gathered at a support: a support indexes the flat tensor the adapter was made on, so
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .. import ops
 from ..adapter import Adapter, dtype_name
 from ..checkpoint import Checkpoint
-from ..errors import MismatchError
+from ..errors import MismatchError, SpraError
 
 
 def base_problems(base: Checkpoint, adapter: Adapter, fingerprints: bool = True) -> list[str]:
@@ -45,4 +48,12 @@ def check_fits(base: Checkpoint, adapter: Adapter, where: str | os.PathLike | No
         raise MismatchError(f"{problems[0]}{more}; is this the adapter's base?", where)
 
 
-__all__ = ["base_problems", "check_fits"]
+def refuse_nonfinite(adapter: Adapter, where: str | os.PathLike | None, verb: str) -> None:
+    """NaN or Inf values would make every value they meet NaN or Inf: refused (these verbs, unlike
+    apply, have no flag to accept them)."""
+    for d in adapter.deltas.values():
+        if not bool(torch.isfinite(d.values).all()):
+            raise SpraError(f"tensor {d.name!r} has NaN or Inf values: cannot {verb} them", where)
+
+
+__all__ = ["base_problems", "check_fits", "refuse_nonfinite"]

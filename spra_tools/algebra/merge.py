@@ -30,7 +30,7 @@ from ..adapter import Adapter, TensorDelta, dtype_name, fingerprints
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import SpraError
 from ..support import ExplicitSupport, SeededSupport, Support, fnv1a64
-from .checks import check_fits
+from .checks import check_fits, refuse_nonfinite
 from .methods import DEFAULT_METHOD, MergeMethod, merge_method
 from .recipe import MergeRequest
 
@@ -91,6 +91,8 @@ def merge_adapters(
             "adapters were made on"
         )
     _check_bases(adapters, names)
+    for i, a in enumerate(adapters):
+        refuse_nonfinite(a, _label(names, i), "merge")
     all_names = list(dict.fromkeys(t for a in adapters for t in a.deltas))
     members_of = {t: [(i, a.deltas[t]) for i, a in enumerate(adapters) if t in a.deltas] for t in all_names}
     for tname, members in members_of.items():
@@ -264,6 +266,8 @@ def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base):
         support = ExplicitSupport(first.numel, flat)
         fp = fingerprints(ops.gather(base.view(name), torch.from_numpy(flat)))
     values = combined.to(_out_values_dtype(members))
+    if not bool(torch.isfinite(values).all()):
+        raise SpraError(f"tensor {name!r}: the merged values overflow {dtype_name(values.dtype)} (Inf)")
     return TensorDelta(name, first.shape, first.dtype, support, values, dict(fp)), entry, new
 
 
@@ -353,7 +357,7 @@ def merge_files(request: MergeRequest) -> tuple[Adapter, dict]:
     if len(request.paths) < 2:
         raise SpraError("merge needs at least two adapters (arguments or the recipe's models)")
     base = open_checkpoint(request.base) if request.base else None
-    adapters = [Adapter.load(p, allow_nonfinite=False) for p in request.paths]
+    adapters = [Adapter.load(p) for p in request.paths]
     return merge_adapters(
         adapters, request.method, request.weights, request.density, request.seed, base, list(request.paths)
     )

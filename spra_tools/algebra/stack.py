@@ -16,7 +16,7 @@ from .. import ops
 from ..adapter import TORCH_DTYPES, Adapter, explicit_delta
 from ..checkpoint import Checkpoint
 from ..errors import MismatchError, SpraError
-from .checks import check_fits
+from .checks import check_fits, refuse_nonfinite
 from .diff import exact_values
 
 
@@ -26,6 +26,7 @@ def stack_adapters(base: Checkpoint, adapters: list[tuple[str, Adapter]], values
         raise SpraError("nothing to stack")
     for path, a in adapters:  # fingerprints per step below: each may be of the weights before it
         check_fits(base, a, path, fingerprints=False)
+        refuse_nonfinite(a, path, "stack")
     names = list(dict.fromkeys(n for _, a in adapters for n in a.deltas))
     deltas, dense = {}, {}
     for name in names:
