@@ -36,6 +36,17 @@ def _load(path: str, allow_nonfinite: bool = True):
     return Adapter.load(path, allow_nonfinite=allow_nonfinite)
 
 
+def _density_option(help: str, required: bool = False):
+    """--density, validated the same for every command while parsing, before any file is read."""
+
+    def check(ctx, param, value: float | None) -> float | None:
+        from .algebra.checks import checked_density
+
+        return None if value is None else checked_density(value)
+
+    return click.option("--density", type=float, required=required, callback=check, help=help)
+
+
 def _check_outputs(out: str, overwrite: bool, report_path: str | None = None) -> None:
     """Refuse, before any work, an output (and a --report file) that could not be written."""
     from pathlib import Path
@@ -110,7 +121,7 @@ def _targets_options(default: str):
 @cli.command()
 @click.argument("base")
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
-@click.option("--density", type=float, required=True, help="Fraction of each targeted tensor to adapt, in (0, 1].")
+@_density_option("Fraction of each targeted tensor to adapt, in (0, 1].", required=True)
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="64-bit seed of the supports.")
 @_targets_options("vo")
 @click.option("--values-dtype", type=VALUES_DTYPES, default="bf16", show_default=True)
@@ -211,7 +222,7 @@ def verify(ctx, base, adapter, revision):
 @click.argument("base")
 @click.argument("tuned")
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
-@click.option("--density", type=float, help="Keep only the largest |Δ| per tensor (else: every change, exactly).")
+@_density_option("Keep only the largest |Δ| per tensor (else: every change, exactly).")
 @_targets_options("all")
 @click.option("--values-dtype", type=VALUES_DTYPES, default="bf16", show_default=True)
 @click.option("--report", "report_path", help="Write the per-tensor report as JSON.")
@@ -374,8 +385,7 @@ class _ChoiceFrom(click.Choice):
 )
 @click.option("--weights", metavar="W1,W2,...", callback=_numbers,
               help=f"One weight per adapter ({methods.methods_taking('weights')}).")  # fmt: skip
-@click.option("--density", type=float,
-              help=f"Fraction of each adapter's values kept ({methods.methods_taking('density')}).")  # fmt: skip
+@_density_option(f"Fraction of each adapter's values kept ({methods.methods_taking('density')}).")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1),
               help=f"Seed of the random drops ({methods.methods_taking('seed')}; default 0).")  # fmt: skip
 @click.option("--recipe", type=click.Path(dir_okay=False), help="A mergekit-style YAML recipe (merge_method, models).")
@@ -447,9 +457,7 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
 @click.argument("adapter")
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="Seed of the new supports.")
-@click.option(
-    "--density", type=float, help="Density of the new supports (default: the adapter's; inferred with --compact)."
-)
+@_density_option("Density of the new supports (default: the adapter's; inferred with --compact).")
 @click.option("--base", help="The base checkpoint: needed for the fingerprints of new supports.")
 @click.option("--compact", is_flag=True, help="Only store explicit supports that equal the seeded one as seeded.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -513,7 +521,7 @@ def compare(a, b, as_json):
               show_default=True, help="What SRC is (auto: by its files).")  # fmt: skip
 @click.option("--to", "target", type=_ChoiceFrom(".algebra.convert", "TARGETS"), help="Default: the other format.")
 @click.option("--base", help="The base checkpoint (default: the one SRC records).")
-@click.option("--density", type=float, help="LoRA: keep the largest |ΔW| per tensor (default: every element).")
+@_density_option("LoRA: keep the largest |ΔW| per tensor (default: every element).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_context
 def convert(ctx, src, out, source, target, base, density, overwrite):

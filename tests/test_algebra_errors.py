@@ -203,3 +203,21 @@ def test_nonfinite_refusals_suggest_only_existing_options(build, w, call_cli, sn
     hinted = re.findall(r"--[a-z][a-z-]+", call_cli(*argv).stderr)
     help_text = call_cli(argv[0], "--help").stdout
     assert all(option in help_text for option in hinted), f"suggests {hinted}, which {argv[0]} does not accept"
+
+
+# (command, w -> argv before --density): every command that takes --density
+DENSITY_COMMANDS = {
+    "diff": lambda w: ["diff", w.base, w.other, "-o", w.new_spra],
+    "merge": lambda w: ["merge", w.seeded, w.seeded, "-o", w.new_spra, "--method", "ties", "--base", w.base],
+    "reseed": lambda w: ["reseed", w.seeded, "--seed", "5", "--base", w.base, "-o", w.new_spra],
+    "reseed-compact": lambda w: ["reseed", w.explicit, "--seed", "5", "--compact", "-o", w.new_spra],
+    "convert": lambda w: ["convert", w.seeded, "-o", w.tmp / "ps", "--base", w.base],
+    "create": lambda w: ["create", w.base, "-o", w.new_spra, "--seed", "1"],
+}
+
+
+@pytest.mark.parametrize("value", ["0", "2", "nan", "-1"])
+@pytest.mark.parametrize("command", list(DENSITY_COMMANDS))
+def test_density_is_validated_alike_everywhere(command, value, w, call_cli, snapshot):
+    argv = [*DENSITY_COMMANDS[command](w), "--density", value]
+    check_refused(Bad(argv, f"density must be in (0, 1], got {float(value)}"), w, call_cli, snapshot)

@@ -1,5 +1,5 @@
-"""What merge, stack and reseed check of their inputs before any work: does an adapter fit a base,
-and are its values finite.
+"""What the algebra verbs check of their inputs before any work: a density, whether an adapter
+fits a base, whether its values are finite.
 
 Names, shapes and dtypes come from the headers (no tensor data is read), and are checked before
 anything is gathered at a support: a support indexes the flat tensor the adapter was made on, so
@@ -17,6 +17,17 @@ from .. import ops
 from ..adapter import Adapter, dtype_name
 from ..checkpoint import Checkpoint
 from ..errors import MismatchError, SpraError
+from ..support import check_density
+
+
+def checked_density(density: float) -> float:
+    """`density` if it is one (in (0, 1], the seeded scheme's rule), else one SpraError line; every
+    command taking --density validates it here."""
+    try:
+        check_density(density)
+    except ValueError as e:
+        raise SpraError(str(e)) from None
+    return float(density)
 
 
 def base_problems(base: Checkpoint, adapter: Adapter, fingerprints: bool = True) -> list[str]:
@@ -56,4 +67,4 @@ def refuse_nonfinite(adapter: Adapter, where: str | os.PathLike | None, verb: st
             raise SpraError(f"tensor {d.name!r} has NaN or Inf values: cannot {verb} them", where)
 
 
-__all__ = ["base_problems", "check_fits", "refuse_nonfinite"]
+__all__ = ["base_problems", "check_fits", "checked_density", "refuse_nonfinite"]

@@ -38,6 +38,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import FormatError, SpraError
 from ..fsutil import atomic_path
 from ..support import ExplicitSupport, seeded_count
+from .checks import checked_density
 
 DELTAS_ST = "sparse_deltas.safetensors"
 DELTAS_PT = "sparse_deltas.pt"
@@ -348,10 +349,7 @@ def lora_to_sparse(lora_dir: str | os.PathLike, base: Checkpoint, density: float
             raise SpraError(f"tensor {key!r} is not a LoRA A/B matrix (modules_to_save, biases... unsupported)", where)
         pairs.setdefault(m["module"], {})[m["part"]] = t
     if density is not None:
-        try:
-            seeded_count(1, density)
-        except ValueError as e:
-            raise SpraError(str(e)) from None
+        checked_density(density)
 
     deltas, retained = {}, {}
     kept_energy = total_energy = 0.0

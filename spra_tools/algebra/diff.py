@@ -18,6 +18,7 @@ from ..checkpoint import Checkpoint
 from ..errors import SpraError
 from ..support import seeded_count
 from ..targets import select
+from .checks import checked_density
 
 _STEPS = 2
 
@@ -66,6 +67,8 @@ def diff_checkpoints(
     """
     from tqdm import tqdm
 
+    if density is not None:
+        checked_density(density)
     preferred = TORCH_DTYPES[values_dtype]
     candidates = [(n, tuned.info(n).dtype, tuned.info(n).shape) for n in tuned.names()]
     names = select(candidates, targets, exclude, tuned.name)

@@ -83,10 +83,9 @@ class MergeMethod:
         values = [density] * n if single else density
         if not isinstance(values, (list, tuple)) or len(values) != n:
             raise SpraError(f"density must be one number or one per adapter ({n}), got {density!r}")
-        for x in values:
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < x <= 1.0:
-                raise SpraError(f"density must be in (0, 1], got {x!r}")
-        return [float(x) for x in values]
+        from .checks import checked_density  # at call time: this module stays light to import
+
+        return [checked_density(x) for x in values]
 
     @property
     def label(self) -> str:
