@@ -66,8 +66,8 @@ def merge_adapters(
     `method`: a name or alias of methods.METHODS. `weights`: one float per adapter (required by
     ``weighted``). `density`: the fraction of each adapter's own values kept by the trimming and
     dropping methods, one float or one per adapter (default 1.0). `seed`: of DARE's draws.
-    `base`: needed when a union support is new (its fingerprint), and then also used to verify
-    every input. `names`: labels of the inputs (paths) for the provenance.
+    `base`: needed for a new support's fingerprints (a union no input's support holds, or what is
+    left after a density below 1 drops values), and then also used to verify every input. `names`: labels of the inputs (paths) for the provenance.
 
     The report: ``{"tensors": {name: {overlap, sign_conflicts, dropped, norms, out_norm}},
     "overlap", "sign_conflicts", "values", "dropped", "new_supports"}`` — overlap counts indices in
@@ -115,7 +115,7 @@ def merge_adapters(
         totals["dropped"] += entry["dropped"]
         totals["new_supports"] += int(new)
 
-    dense = _merge_dense(adapters, deltas, names)
+    dense = _merge_dense(adapters, members_of, names)
     exact = (
         spec.plain_sum
         and all(x == 1.0 for x in w)
@@ -338,12 +338,12 @@ def _combine(spec: MergeMethod, matrix, rows, w) -> torch.Tensor:
     return mixed / torch.where(divisor == 0, 1.0, divisor)
 
 
-def _merge_dense(adapters: list[Adapter], deltas: dict, names) -> dict[str, torch.Tensor]:
+def _merge_dense(adapters: list[Adapter], sparse: dict, names) -> dict[str, torch.Tensor]:
     """Dense tensors pass through; the same name twice must hold the same bits."""
     dense: dict[str, torch.Tensor] = {}
     for i, a in enumerate(adapters):
         for tname, t in a.dense.items():
-            if tname in deltas:
+            if tname in sparse:
                 raise SpraError(f"tensor {tname!r} is dense in {_label(names, i)} but sparse in another adapter")
             if tname in dense and not (dense[tname].dtype == t.dtype and torch.equal(_bits(dense[tname]), _bits(t))):
                 raise SpraError(f"dense tensor {tname!r} differs between adapters: cannot merge replacements")
