@@ -6,12 +6,15 @@ shows the traceback instead. torch is imported inside the commands so that `--he
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import sys
 
 import click
 
+from .algebra import methods
 from .format import SHORT_DTYPES
 from .fsutil import human_size
 
@@ -32,6 +35,53 @@ def _load(path: str, allow_nonfinite: bool = True):
     from .adapter import Adapter
 
     return Adapter.load(path, allow_nonfinite=allow_nonfinite)
+
+
+def _density_option(help: str, required: bool = False):
+    """--density, validated the same for every command while parsing, before any file is read."""
+
+    def check(ctx, param, value: float | None) -> float | None:
+        from .algebra.checks import checked_density
+
+        return None if value is None else checked_density(value)
+
+    return click.option("--density", type=float, required=required, callback=check, help=help)
+
+
+def _check_outputs(out: str, overwrite: bool, report_path: str | None = None) -> None:
+    """Refuse, before any work, an output (and a --report file) that could not be written."""
+    from pathlib import Path
+
+    from .errors import SpraError
+    from .fsutil import check_output
+
+    check_output(out, overwrite)
+    if report_path:
+        if Path(report_path).is_dir():
+            raise SpraError("is a directory (--report takes a file name)", report_path)
+        check_output(report_path, overwrite=True)
+
+
+def _save(adapter, out: str, overwrite: bool, report: dict | None = None, report_path: str | None = None) -> None:
+    """Write the adapter and, when asked, its JSON report: both or neither (each goes to a temporary
+    first; the adapter is moved into place last)."""
+    import contextlib
+
+    from .errors import SpraError
+    from .fsutil import atomic_path
+
+    with contextlib.ExitStack() as outputs:
+        adapter_tmp = outputs.enter_context(atomic_path(out, overwrite))
+        if report_path:
+            report_tmp = outputs.enter_context(atomic_path(report_path, overwrite=True))
+            try:
+                report_tmp.write_text(json.dumps(report, indent=2) + "\n")
+            except OSError as e:
+                raise SpraError(f"cannot write ({e.strerror})", report_path) from None
+        try:
+            adapter.save(adapter_tmp)
+        except SpraError as e:  # name the output, not its temporary
+            raise SpraError(e.message, out if e.path == os.fspath(adapter_tmp) else e.path) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,7 +122,7 @@ def _targets_options(default: str):
 @cli.command()
 @click.argument("base")
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
-@click.option("--density", type=float, required=True, help="Fraction of each targeted tensor to adapt, in (0, 1].")
+@_density_option("Fraction of each targeted tensor to adapt, in (0, 1].", required=True)
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="64-bit seed of the supports.")
 @_targets_options("vo")
 @click.option("--values-dtype", type=VALUES_DTYPES, default="bf16", show_default=True)
@@ -172,7 +222,7 @@ def verify(ctx, base, adapter, revision):
 @click.argument("base")
 @click.argument("tuned")
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
-@click.option("--density", type=float, help="Keep only the largest |Δ| per tensor (else: every change, exactly).")
+@_density_option("Keep only the largest |Δ| per tensor (else: every change, exactly).")
 @_targets_options("all")
 @click.option("--values-dtype", type=VALUES_DTYPES, default="bf16", show_default=True)
 @click.option("--report", "report_path", help="Write the per-tensor report as JSON.")
@@ -188,9 +238,8 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
     """
     from .algebra import diff_checkpoints
     from .checkpoint import open_checkpoint
-    from .fsutil import atomic_path, check_output
 
-    check_output(out, overwrite)
+    _check_outputs(out, overwrite, report_path)
     adapter, report = diff_checkpoints(
         open_checkpoint(base),
         open_checkpoint(tuned),
@@ -200,10 +249,7 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
         SHORT_DTYPES[values_dtype],
         _progress(ctx),
     )
-    adapter.save(out, overwrite)
-    if report_path:
-        with atomic_path(report_path, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    _save(adapter, out, overwrite, report, report_path)
     upgraded = [n for n, r in report["tensors"].items() if "values" in r]
     _say(
         ctx,
@@ -304,75 +350,76 @@ def pull(ctx, repo_id, out, revision, overwrite):
     _say(ctx, f"wrote {out}: {spra.name} ({human_size(spra.stat().st_size)}) from {repo_id}")
 
 
-MERGE_METHODS = [
-    "sum",
-    "task_arithmetic",
-    "mean",
-    "weighted",
-    "linear",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "magnitude_prune",
-]
+def _numbers(ctx, param, value: str | None) -> list[float] | None:
+    """A comma-separated list of numbers (--weights 1,0.7)."""
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",")]
+    except ValueError:
+        from .errors import SpraError
+
+        raise SpraError(f"--{param.name} {value!r} is not a comma-separated list of numbers") from None
 
 
-@cli.command()
+class _ChoiceFrom(click.Choice):
+    """A click.Choice over a list declared in a library module that imports torch, read when first
+    needed (parsing, the command's own --help) so that `spra-tools --help` stays fast."""
+
+    def __init__(self, module: str, name: str, *extra: str):
+        self._source = (module, name, extra)
+        self.case_sensitive = True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:
+        module, name, extra = self._source
+        return (*extra, *getattr(importlib.import_module(module, __package__), name))
+
+
+@cli.command(epilog=methods.methods_help())
 @click.argument("adapters", nargs=-1)
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
-@click.option("--method", type=click.Choice(MERGE_METHODS), help="How to combine (default: sum).")
-@click.option("--weights", metavar="W1,W2,...", help="One weight per adapter (weighted/linear, ties, dare).")
-@click.option("--density", type=float, help="Fraction of each adapter's values kept (ties, dare, magnitude_prune).")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Seed of DARE's random drops (default 0).")
+@click.option(
+    "--method", type=click.Choice(methods.method_names()), help=f"How to combine (default: {methods.DEFAULT_METHOD})."
+)
+@click.option("--weights", metavar="W1,W2,...", callback=_numbers,
+              help=f"One weight per adapter ({methods.methods_taking('weights')}).")  # fmt: skip
+@_density_option(f"Fraction of each adapter's values kept ({methods.methods_taking('density')}).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1),
+              help=f"Seed of the random drops ({methods.methods_taking('seed')}; default 0).")  # fmt: skip
 @click.option("--recipe", type=click.Path(dir_okay=False), help="A mergekit-style YAML recipe (merge_method, models).")
-@click.option("--base", help="The base checkpoint: needed when the union of supports is new (fingerprints).")
+@click.option("--base", help="The adapters' base checkpoint: needed for a new support (different seeds, density < 1).")
 @click.option("--report", "report_path", help="Write the per-tensor report (overlap, sign conflicts, norms) as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_context
 def merge(ctx, adapters, out, method, weights, density, seed, recipe, base, report_path, overwrite):
     """Merge task adapters into one, without loading the model (the union of their supports).
 
+    Flags override the recipe's values; adapters given as arguments replace its models.
+
+    Adapters of one seed and density share their supports; adapters of different seeds make a new
+    union support, and trimming or dropping (a density below 1) a smaller one: the fingerprints of
+    a new support need the base, so give --base.
+
     \b
     Examples:
       spra-tools merge math.spra code.spra chat.spra -o multi.spra
-      spra-tools merge a.spra b.spra -o ab.spra --method ties --density 0.5 --weights 1,0.7
+      spra-tools merge a.spra b.spra -o ab.spra --base ./llama   # different seeds
+      spra-tools merge a.spra b.spra -o ab.spra --method ties --density 0.5 --weights 1,0.7 --base ./llama
       spra-tools merge --recipe merge.yaml -o multi.spra
     """
-    from .algebra.merge import merge_adapters, recipe_to_args
-    from .checkpoint import open_checkpoint
-    from .errors import SpraError
-    from .fsutil import atomic_path, check_output
+    from .algebra.merge import merge_files
+    from .algebra.recipe import MergeRequest, read_recipe
 
-    check_output(out, overwrite)
-    args = (
-        recipe_to_args(recipe)
-        if recipe
-        else {"paths": [], "method": None, "weights": None, "density": None, "seed": None, "base": None}
+    _check_outputs(out, overwrite, report_path)
+    request = (read_recipe(recipe) if recipe else MergeRequest()).with_flags(
+        adapters, method, weights, density, seed, base
     )
-    paths = list(adapters) or args["paths"]
-    if len(paths) < 2:
-        raise SpraError("merge needs at least two adapters (arguments or the recipe's models)")
-    try:
-        weight_list = [float(x) for x in weights.split(",")] if weights else args["weights"]
-    except ValueError:
-        raise SpraError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
-    base_name = base or args["base"]
-    merged, report = merge_adapters(
-        [_load(p, False) for p in paths],
-        method or args["method"] or "sum",
-        weight_list,
-        density if density is not None else args["density"],
-        seed if seed is not None else (args["seed"] or 0),
-        open_checkpoint(base_name) if base_name else None,
-        names=paths,
-    )
-    merged.save(out, overwrite)
-    if report_path:
-        with atomic_path(report_path, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    merged, report = merge_files(request)
+    _save(merged, out, overwrite, report, report_path)
     _say(
         ctx,
-        f"wrote {out}: {merged.num_values:,} values in {len(merged.deltas)} tensors from {len(paths)} adapters"
+        f"wrote {out}: {merged.num_values:,} values in {len(merged.deltas)} tensors from {len(request.paths)} adapters"
         f" ({report['overlap']:,} shared indices, {report['sign_conflicts']:,} sign conflicts)",
     )
 
@@ -396,9 +443,7 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
     from .fsutil import check_output
 
     check_output(out, overwrite)
-    stacked = stack_adapters(
-        open_checkpoint(base), [(p, _load(p, False)) for p in adapters], SHORT_DTYPES[values_dtype]
-    )
+    stacked = stack_adapters(open_checkpoint(base), [(p, _load(p)) for p in adapters], SHORT_DTYPES[values_dtype])
     stacked.save(out, overwrite)
     _say(
         ctx,
@@ -410,7 +455,7 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
 @click.argument("adapter")
 @click.option("-o", "--output", "out", required=True, help="The .spra file to write.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="Seed of the new supports.")
-@click.option("--density", type=float, help="Density of the new supports (default: the adapter's).")
+@_density_option("Density of the new supports (default: the adapter's; inferred with --compact).")
 @click.option("--base", help="The base checkpoint: needed for the fingerprints of new supports.")
 @click.option("--compact", is_flag=True, help="Only store explicit supports that equal the seeded one as seeded.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -424,18 +469,18 @@ def reseed(ctx, adapter, out, seed, density, base, compact, overwrite):
     \b
     Example:  spra-tools reseed task.spra -o task-s7.spra --seed 7 --base ./llama
     """
-    from .algebra.stack import compact_adapter, reseed_adapter
+    from .algebra.reseed import compact_adapter, reseed_adapter
     from .checkpoint import open_checkpoint
     from .fsutil import check_output
 
     check_output(out, overwrite)
     a = _load(adapter)
     if compact:
-        result, changed = compact_adapter(a, seed, density)
+        result, changed = compact_adapter(a, seed, density, adapter)
         result.save(out, overwrite)
         _say(ctx, f"wrote {out}: {changed} of {len(a.deltas)} tensors now seeded")
         return
-    result, report = reseed_adapter(a, seed, density, open_checkpoint(base) if base else None)
+    result, report = reseed_adapter(a, seed, density, open_checkpoint(base) if base else None, adapter)
     result.save(out, overwrite)
     _say(ctx, f"wrote {out}: {result.num_values:,} values; retained {report['retained']:.2%} of ||Δ||²")
 
@@ -446,7 +491,7 @@ def reseed(ctx, adapter, out, seed, density, base, compact, overwrite):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compare(a, b, as_json):
     """Per tensor: support overlap, cosine of the deltas on the overlap, norms; then a summary."""
-    from .algebra.stack import compare_adapters
+    from .report import compare_adapters
 
     result = compare_adapters(_load(a), _load(b))
     if as_json:
@@ -470,11 +515,11 @@ def compare(a, b, as_json):
 @cli.command()
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, help="The .spra file or directory to write.")
-@click.option("--from", "source", type=click.Choice(["auto", "spra", "peft-sparta", "lora"]), default="auto",
+@click.option("--from", "source", type=_ChoiceFrom(".algebra.convert", "SOURCES", "auto"), default="auto",
               show_default=True, help="What SRC is (auto: by its files).")  # fmt: skip
-@click.option("--to", "target", type=click.Choice(["spra", "peft-sparta"]), help="Default: the other format.")
+@click.option("--to", "target", type=_ChoiceFrom(".algebra.convert", "TARGETS"), help="Default: the other format.")
 @click.option("--base", help="The base checkpoint (default: the one SRC records).")
-@click.option("--density", type=float, help="LoRA: keep the largest |ΔW| per tensor (default: every element).")
+@_density_option("LoRA: keep the largest |ΔW| per tensor (default: every element).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_context
 def convert(ctx, src, out, source, target, base, density, overwrite):
@@ -486,52 +531,17 @@ def convert(ctx, src, out, source, target, base, density, overwrite):
       spra-tools convert task.spra -o peft_sparta_dir/ --to peft-sparta
       spra-tools convert lora_dir/ -o lora.spra --density 0.01
     """
-    from pathlib import Path
-
-    from .algebra import convert as cv
-    from .checkpoint import open_checkpoint
-    from .errors import SpraError
+    from .algebra.convert import convert_files
     from .fsutil import check_output
 
     check_output(out, overwrite)
-    path = Path(src)
-    if source == "auto":
-        source = "spra" if path.is_file() else "lora" if (path / "adapter_config.json").is_file() else "peft-sparta"
-    target = target or ("peft-sparta" if source == "spra" else "spra")
-    if source == target or (source == "lora" and target != "spra"):
-        raise SpraError(f"cannot convert {source} to {target}", src)
-    if source == "spra":
-        adapter = _load(src)
-        base_name = base or adapter.base.get("name")
-        if not base_name:
-            raise SpraError("the adapter records no base: give --base", src)
-        cv.write_peft_sparta(adapter, out, base_name, None, overwrite)
+    adapter, target, base_name = convert_files(src, out, source, target, base, density, overwrite)
+    if target == "peft-sparta":
         _say(ctx, f"wrote {out}: peft-sparta layout of {adapter.num_values:,} values (base {base_name})")
         return
-    base_name = base or _recorded_base(path, source)
-    if source == "lora":
-        adapter = cv.lora_to_sparse(path, open_checkpoint(base_name), density)
-    else:
-        adapter = cv.read_peft_sparta(path, open_checkpoint(base_name))
-    adapter.save(out, overwrite)
     retained = adapter.provenance.get("retained_total")
     extra = f"; retained {retained:.2%} of ||ΔW||²" if isinstance(retained, float) and density is not None else ""
     _say(ctx, f"wrote {out}: {adapter.num_values:,} values in {len(adapter.deltas)} tensors{extra}")
-
-
-def _recorded_base(path, source: str) -> str:
-    """The base a peft-sparta or LoRA directory names in its config (for convert without --base)."""
-    from .errors import SpraError
-
-    config = path / ("config.json" if source == "peft-sparta" else "adapter_config.json")
-    key = "sparta_pretrained_model" if source == "peft-sparta" else "base_model_name_or_path"
-    try:
-        name = json.loads(config.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        name = None
-    if not name:
-        raise SpraError(f"no base recorded in {config.name}: give --base", path)
-    return name
 
 
 @cli.command()

@@ -1,10 +1,14 @@
-"""What `spra-tools info` and `env` report, as plain dicts (the CLI prints them as text or JSON)."""
+"""What `spra-tools info`, `compare` and `env` report, as plain dicts (the CLI prints them as text or JSON).
+
+They only read: an adapter's metadata and statistics, how two adapters relate, the environment.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
 
+import numpy as np
 import torch
 
 from .adapter import Adapter
@@ -55,6 +59,38 @@ def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
         "dense": {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in adapter.dense.items()},
         "per_tensor": tensors,
     }
+
+
+def compare_adapters(a: Adapter, b: Adapter) -> dict:
+    """Per tensor: support overlap, cosine of the two deltas on the overlap, and both norms."""
+    tensors, overlap_total = {}, 0
+    for name in sorted(set(a.deltas) | set(b.deltas)):
+        da, db = a.deltas.get(name), b.deltas.get(name)
+        if da is None or db is None:
+            tensors[name] = {"only_in": "a" if db is None else "b"}
+            continue
+        ia, ib = da.support.indices(), db.support.indices()
+        common, pa, pb = np.intersect1d(ia, ib, assume_unique=True, return_indices=True)
+        va, vb = da.values.double()[torch.from_numpy(pa)], db.values.double()[torch.from_numpy(pb)]
+        denom = float(va.norm() * vb.norm())
+        tensors[name] = {
+            "count_a": da.count,
+            "count_b": db.count,
+            "overlap": int(common.size),
+            "cosine_on_overlap": float(va @ vb) / denom if denom else None,
+            "norm_a": float(da.values.double().norm()),
+            "norm_b": float(db.values.double().norm()),
+        }
+        overlap_total += int(common.size)
+    shared = [t for t in tensors.values() if "overlap" in t]
+    summary = {
+        "tensors_in_both": len(shared),
+        "only_in_one": len(tensors) - len(shared),
+        "overlap": overlap_total,
+        "values_a": a.num_values,
+        "values_b": b.num_values,
+    }
+    return {"summary": summary, "tensors": tensors}
 
 
 def environment() -> dict:

@@ -346,3 +346,17 @@ def test_cli_convert_detects_the_source_and_round_trips(lora, tmp_path):
     for name, d in a.deltas.items():
         assert np.array_equal(d.indices().numpy(), b.deltas[name].indices().numpy())
         assert torch.equal(d.values.float(), b.deltas[name].values.float())
+
+
+def test_detect_source_by_the_files_present(tmp_path):
+    from spra_tools.algebra.convert import SOURCES, TARGETS, detect_source
+    from spra_tools.cli import convert
+
+    (tmp_path / "a.spra").write_bytes(b"")
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    (tmp_path / "ps").mkdir()
+    found = [detect_source(tmp_path / p) for p in ("a.spra", "lora", "ps")]
+    assert found == ["spra", "lora", "peft-sparta"] and set(found) == set(SOURCES)
+    choices = {p.name: list(p.type.choices) for p in convert.params if p.name in ("source", "target")}
+    assert choices == {"source": ["auto", *SOURCES], "target": list(TARGETS)}

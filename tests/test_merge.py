@@ -14,12 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spra_tools.adapter import Adapter, TensorDelta
-from spra_tools.algebra.merge import merge_adapters, recipe_to_args
+from spra_tools.algebra.merge import merge_adapters
+from spra_tools.algebra.recipe import MergeRequest, read_recipe
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.dtypes import bit_view
 from spra_tools.errors import SpraError
 from spra_tools.support import ExplicitSupport, SeededSupport, fnv1a64
-from spra_tools.surgery import apply_adapter, create_adapter
+from spra_tools.surgery import apply_adapter, create_adapter, verify_adapter
 from spra_tools.testing import build_tiny_model
 
 
@@ -120,7 +121,8 @@ def test_methods_match_numpy_reference(base, method, weights, density, shared):
         ref = reference(adapters, name, CANON.get(method, method), weights, density, seed=3)
         got = dense_values(merged, name, d.numel)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8, err_msg=name)
-        assert isinstance(d.support, SeededSupport) == shared
+        # Values every input trims or drops leave the shared seeded support, which then becomes explicit.
+        assert isinstance(d.support, SeededSupport) == (shared and report["tensors"][name]["dropped"] == 0)
     again, _ = merge_adapters(adapters, method, weights, density, seed=3, base=base)
     for name, d in merged.deltas.items():
         assert torch.equal(bit_view(d.values), bit_view(again.deltas[name].values)), "same seed, same result"
@@ -129,8 +131,8 @@ def test_methods_match_numpy_reference(base, method, weights, density, shared):
 
 def test_dare_depends_on_seed(base):
     adapters = [make(base, 4, k) for k in range(2)]
-    one, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=1)
-    two, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=2)
+    one, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=1, base=base)
+    two, _ = merge_adapters(adapters, "dare_linear", density=0.5, seed=2, base=base)
     assert any(not torch.equal(one.deltas[n].values, two.deltas[n].values) for n in one.deltas)
 
 
@@ -184,7 +186,7 @@ def base_adapters(base):
 
 def test_seeded_in_seeded_out(base, tmp_path):
     adapters = [make(base, 11, k, density=0.1) for k in range(3)]
-    merged, report = merge_adapters(adapters, "ties", density=0.5)
+    merged, report = merge_adapters(adapters, "ties")  # density 1: nothing trimmed, the support stays
     for name, d in merged.deltas.items():
         assert d.support == adapters[0].deltas[name].support
         assert d.fingerprint == adapters[0].deltas[name].fingerprint
@@ -258,6 +260,7 @@ REFUSALS = [
     ("density zero", lambda b: [make(b, 1, 1)] * 2, {"method": "ties", "density": 0.0}, "(0, 1]"),
     ("density above one", lambda b: [make(b, 1, 1)] * 2, {"method": "dare_ties", "density": 1.5}, "(0, 1]"),
     ("density for sum", lambda b: [make(b, 1, 1)] * 2, {"density": 0.5}, "applies only"),
+    ("trimming without base", lambda b: [make(b, 1, 1)] * 2, {"method": "ties", "density": 0.5}, "add --base BASE"),
     ("unknown method", lambda b: [make(b, 1, 1)] * 2, {"method": "slerp"}, "unknown merge method"),
     ("new support without base", lambda b: [make(b, 1, 1), make(b, 2, 2)], {}, "--base"),
     ("nothing", lambda b: [], {}, "nothing to merge"),
@@ -282,24 +285,24 @@ def test_base_is_verified_when_given(base, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_recipe_to_args(tmp_path):
+def test_read_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text(
         "merge_method: ties\nbase_model: meta-llama/Llama-3.1-8B\nparameters:\n  density: 0.5\n"
         "models:\n  - model: a.spra\n    parameters: {weight: 0.7}\n"
         "  - model: /abs/b.spra\n    parameters: {weight: 0.3, density: 0.2}\ndtype: bfloat16\n"
     )
-    args = recipe_to_args(tmp_path / "r.yaml")
-    assert args == {
-        "paths": [str(tmp_path / "a.spra"), "/abs/b.spra"],
-        "method": "ties",
-        "weights": [0.7, 0.3],
-        "density": [0.5, 0.2],
-        "seed": 0,
-        "base": "meta-llama/Llama-3.1-8B",
-    }
+    request = read_recipe(tmp_path / "r.yaml")
+    assert request == MergeRequest(
+        paths=(str(tmp_path / "a.spra"), "/abs/b.spra"),
+        method="ties",
+        weights=(0.7, 0.3),
+        density=(0.5, 0.2),
+        seed=0,
+        base="meta-llama/Llama-3.1-8B",
+    )
     (tmp_path / "s.yaml").write_text("merge_method: task_arithmetic\nmodels: [a.spra, b.spra]\nseed: 5\n")
-    args = recipe_to_args(tmp_path / "s.yaml")
-    assert (args["method"], args["weights"], args["density"], args["seed"]) == ("sum", None, None, 5)
+    request = read_recipe(tmp_path / "s.yaml")
+    assert (request.method, request.weights, request.density, request.seed) == ("sum", None, None, 5)
 
 
 BAD_RECIPES = [
@@ -320,4 +323,52 @@ BAD_RECIPES = [
 def test_bad_recipes(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(SpraError, match=message):
-        recipe_to_args(tmp_path / "bad.yaml")
+        read_recipe(tmp_path / "bad.yaml")
+
+
+def test_a_new_support_without_base_is_refused_before_any_merging(base, monkeypatch):
+    import spra_tools.algebra.merge as merge_module
+
+    a, b = make(base, 1, 1), make(base, 1, 2)
+    last = list(b.deltas)[-1]
+    b.deltas[last] = make(base, 2, 3).deltas[last]  # only the last tensor's union support is new
+    combined = []
+    monkeypatch.setattr(merge_module, "_combine", lambda *args: combined.append(args))
+    with pytest.raises(SpraError, match=f"tensor '{last}' has different supports .* add --base BASE"):
+        merge_adapters([a, b])
+    assert combined == [], "values were merged before the refusal"
+
+
+def _kept_union(adapters, name, method, density, seed=0) -> np.ndarray:
+    """The indices some input keeps after its trim (largest |v|) or DARE drop: numpy, by hand."""
+    rng = np.random.default_rng([seed, fnv1a64(name.encode())])
+    kept = []
+    for a in adapters:
+        d = a.deltas[name]
+        idx, v = d.indices().numpy(), d.values.float().numpy()
+        if method in ("ties", "magnitude_prune"):
+            keep = np.argsort(-np.abs(v), kind="stable")[: int(density * v.size)]
+        else:
+            keep = np.flatnonzero(rng.random(v.size) < density)
+        kept.append(idx[keep])
+    return np.unique(np.concatenate(kept))
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("seeds", [(4, 4), (4, 5)], ids=["one-seed", "two-seeds"])
+def test_trimmed_values_leave_the_support(base, tmp_path, method, seeds):
+    adapters = [make(base, s, 20 + k) for k, s in enumerate(seeds)]
+    full, _ = merge_adapters(adapters, method, base=base)  # density 1: the union support
+    merged, report = merge_adapters(adapters, method, density=0.3, seed=7, base=base)
+    dropped = 0
+    for name, d in merged.deltas.items():
+        kept = _kept_union(adapters, name, method, 0.3, seed=7)
+        assert np.array_equal(d.indices().numpy(), kept), name
+        ref = reference(adapters, name, method, density=0.3, seed=7)
+        np.testing.assert_allclose(dense_values(merged, name, d.numel), ref.astype(np.float32), rtol=1e-2, atol=1e-4)
+        dropped += full.deltas[name].count - d.count
+    assert report["dropped"] == dropped > 0 and report["values"] == merged.num_values
+    assert verify_adapter(base, merged) == []  # the smaller supports are fingerprinted on the base
+    merged.save(tmp_path / "trimmed.spra")
+    full.save(tmp_path / "full.spra")
+    assert (tmp_path / "trimmed.spra").stat().st_size < 0.8 * (tmp_path / "full.spra").stat().st_size

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spra_tools.adapter import Adapter, TensorDelta
-from spra_tools.algebra.stack import compact_adapter, compare_adapters, reseed_adapter, stack_adapters
+from spra_tools.algebra.reseed import compact_adapter, reseed_adapter, seeded_density
+from spra_tools.algebra.stack import stack_adapters
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.dtypes import bit_view
 from spra_tools.errors import MismatchError, SpraError
-from spra_tools.support import ExplicitSupport
+from spra_tools.report import compare_adapters
+from spra_tools.support import ExplicitSupport, SeededSupport
 from spra_tools.surgery import apply_adapter, create_adapter
 from spra_tools.testing import build_tiny_model
 
@@ -128,3 +134,39 @@ def test_compare(base):
         if "overlap" in t:
             expected = np.intersect1d(a.deltas[name].support.indices(), b.deltas[name].support.indices()).size
             assert t["overlap"] == expected and -1.0 <= t["cosine_on_overlap"] <= 1.0
+
+
+def _as_explicit(a: Adapter) -> Adapter:
+    deltas = {
+        n: TensorDelta(n, d.shape, d.dtype, ExplicitSupport(d.numel, d.support.indices()), d.values, d.fingerprint)
+        for n, d in a.deltas.items()
+    }
+    return Adapter(deltas, {}, a.base, a.task, a.provenance, a.exact)
+
+
+def test_compact_infers_each_tensors_density(tmp_path):
+    # Hidden 256: the MLP matrices span three blocks of 2**16, where count / numel is not the density
+    # that the seeded scheme's per-block counts need.
+    build_tiny_model("llama", tmp_path / "base", torch.bfloat16, hidden=256, layers=1)
+    ckpt = open_checkpoint(tmp_path / "base")
+    attn = _random_values(create_adapter(ckpt, 0.013, 6, ["attn"]), 1)
+    mlp = _random_values(create_adapter(ckpt, 0.05, 6, ["mlp"]), 2)
+    seeded = Adapter({**attn.deltas, **mlp.deltas}, {}, attn.base, {}, {"method": "create"}, True)
+    seeded.save(tmp_path / "seeded.spra")
+    assert any(d.numel > 2**16 and d.count / d.numel != 0.05 for d in mlp.deltas.values())
+    compacted, changed = compact_adapter(_as_explicit(seeded), 6)
+    assert changed == len(seeded.deltas)
+    compacted.save(tmp_path / "compacted.spra")
+    assert (tmp_path / "compacted.spra").read_bytes() == (tmp_path / "seeded.spra").read_bytes()
+    assert compact_adapter(_as_explicit(seeded), 7)[1] == 0  # another seed: densities fit, indices do not
+
+
+@settings(max_examples=80, deadline=None)
+@given(numel=st.integers(0, 400_000), density=st.floats(1e-6, 1.0))
+def test_seeded_density_reproduces_every_seeded_support(numel, density):
+    support = SeededSupport(3, "t", numel, density)
+    delta = TensorDelta("t", (numel,), torch.bfloat16, ExplicitSupport(numel, support.indices()), torch.zeros(0), {})
+    inferred = seeded_density(delta)
+    assert np.array_equal(SeededSupport(3, "t", numel, inferred).indices(), support.indices())
+    places = [-Decimal(repr(x)).as_tuple().exponent for x in (inferred, density)]
+    assert places[0] <= places[1]  # the shortest decimal that fits

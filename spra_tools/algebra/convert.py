@@ -1,5 +1,8 @@
 """Interop: read and write the peft-sparta adapter layout; turn a PEFT LoRA adapter into a sparse one.
 
+`convert_files` is the `convert` command: it tells the source layout by the files present
+(`detect_source`) and the base by what the source records, then reads and writes.
+
 peft-sparta (pip ``peft-sparta``) stores an adapter as a directory:
 
 * ``sparse_deltas.safetensors``: ``indices.<param>`` int32 [nnz, ndim] (row-major ``nonzero()``
@@ -37,6 +40,7 @@ from ..fingerprint import fingerprints
 from ..format import FLOAT_DTYPES
 from ..fsutil import atomic_path
 from ..support import ExplicitSupport, seeded_count
+from .checks import checked_density
 
 DELTAS_ST = "sparse_deltas.safetensors"
 DELTAS_PT = "sparse_deltas.pt"
@@ -44,6 +48,8 @@ CONFIG = "config.json"
 HEAD = "score.weight"  # peft-sparta's fully trained classification head
 _PREFIXES = ("base_model.model.", "base_model.", "model.", "transformer.")
 _EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+SOURCES = ("spra", "peft-sparta", "lora")  # what `convert` reads
+TARGETS = ("spra", "peft-sparta")  # what it writes
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -343,10 +349,7 @@ def lora_to_sparse(lora_dir: str | os.PathLike, base: Checkpoint, density: float
             raise SpraError(f"tensor {key!r} is not a LoRA A/B matrix (modules_to_save, biases... unsupported)", where)
         pairs.setdefault(m["module"], {})[m["part"]] = t
     if density is not None:
-        try:
-            seeded_count(1, density)
-        except ValueError as e:
-            raise SpraError(str(e)) from None
+        checked_density(density)
 
     deltas, retained = {}, {}
     kept_energy = total_energy = 0.0
@@ -404,3 +407,62 @@ def lora_to_sparse(lora_dir: str | os.PathLike, base: Checkpoint, density: float
         "retained_total": kept_energy / total_energy if total_energy else 1.0,
     }
     return Adapter(deltas, {}, base.identity(), {}, provenance, exact=False)
+
+
+# ------------------------------------------------------------------------------------- the command
+
+
+def detect_source(path: str | os.PathLike) -> str:
+    """The layout at `path` by the files present: a file is a .spra adapter, a directory with
+    ``adapter_config.json`` a PEFT LoRA adapter, any other directory a peft-sparta one."""
+    path = Path(path)
+    if path.is_file():
+        return "spra"
+    return "lora" if (path / "adapter_config.json").is_file() else "peft-sparta"
+
+
+def recorded_base(path: str | os.PathLike, source: str) -> str:
+    """The base a peft-sparta or LoRA directory names in its config (for convert without a base)."""
+    path = Path(path)
+    config = path / (CONFIG if source == "peft-sparta" else "adapter_config.json")
+    key = "sparta_pretrained_model" if source == "peft-sparta" else "base_model_name_or_path"
+    try:
+        name = json.loads(config.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if not name:
+        raise SpraError(f"no base recorded in {config.name}: give --base", path)
+    return name
+
+
+def convert_files(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    source: str = "auto",
+    target: str | None = None,
+    base: str | None = None,
+    density: float | None = None,
+    overwrite: bool = False,
+) -> tuple[Adapter, str, str]:
+    """Convert `src` (one of SOURCES, or "auto") into `out` (one of TARGETS; default: a .spra file,
+    or peft-sparta from a .spra file). `base`: a checkpoint path or Hub id (default: the one the
+    source records); `density`: LoRA only. Returns (the adapter converted, the target, the base)."""
+    if source == "auto":
+        source = detect_source(src)
+    target = target or ("peft-sparta" if source == "spra" else "spra")
+    if source == target or (source == "lora" and target != "spra"):
+        raise SpraError(f"cannot convert {source} to {target}", src)
+    if source == "spra":
+        adapter = Adapter.load(src)
+        base_name = base or adapter.base.get("name")
+        if not base_name:
+            raise SpraError("the adapter records no base: give --base", src)
+        write_peft_sparta(adapter, out, base_name, None, overwrite)
+        return adapter, target, base_name
+    base_name = base or recorded_base(src, source)
+    if source == "lora":
+        adapter = lora_to_sparse(src, open_checkpoint(base_name), density)
+    else:
+        adapter = read_peft_sparta(src, open_checkpoint(base_name))
+    adapter.save(out, overwrite)
+    return adapter, target, base_name

@@ -19,6 +19,7 @@ from ..dtypes import TORCH_DTYPES, bit_view
 from ..errors import SpraError
 from ..support import seeded_count
 from ..targets import select
+from .checks import checked_density
 
 _STEPS = 2
 
@@ -63,6 +64,8 @@ def diff_checkpoints(
     """
     from tqdm import tqdm
 
+    if density is not None:
+        checked_density(density)
     preferred = TORCH_DTYPES[values_dtype]
     candidates = [(n, tuned.info(n).dtype, tuned.info(n).shape) for n in tuned.names()]
     names = select(candidates, targets, exclude, tuned.name)

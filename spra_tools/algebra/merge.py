@@ -1,20 +1,14 @@
 """Merge adapters of one base into one adapter, with mergekit's task-arithmetic family of methods.
 
 Every adapter is a sparse task vector: zero outside its support. Per tensor the output support is
-the union of the inputs' supports, and the values are combined in fp32 by flat index:
+the union of the inputs' supports, and the values are combined in fp32 by flat index through the
+one pipeline that methods.py describes (sparsify, weight, elect signs, sum, normalize); each
+method is a record there.
 
-* ``sum`` (alias ``task_arithmetic``): ``sum_i w_i v_i`` (w_i = 1 unless weights are given);
-* ``mean``: ``sum_i v_i / n`` over all n adapters (an adapter without the tensor counts as zero);
-* ``weighted`` (alias ``linear``): ``sum_i w_i v_i / sum_i w_i``;
-* ``ties``: trim each v_i to its ``int(density * count_i)`` largest |values|, elect per index the
-  sign of ``sum_i w_i v_i'``, then the disjoint mean ``sum(agreeing w_i v_i') / sum(agreeing w_i)``;
-* ``dare_ties``: keep each value with probability density and rescale by 1/density, then the TIES
-  sign election, summing the agreeing ``w_i v_i'`` (mergekit does not normalise DARE);
-* ``dare_linear``: the DARE drop and rescale, then ``sum_i w_i v_i'``;
-* ``magnitude_prune``: the TIES trim, then ``sum_i w_i v_i'``.
-
-Dropped or trimmed values become zeros inside the union support (the support never shrinks), so a
-merge of seeded adapters sharing seed and density stays seeded. Sums are order-independent: the
+Values that every input holding them trims or drops leave the support, so the file shrinks with
+the density; the smaller support is then stored explicitly and needs the base for its
+fingerprints. Without a sparsifying density (or with one of 1) the output support is the union,
+so a merge of seeded adapters sharing seed and density stays seeded. Sums are order-independent: the
 terms of each index are sorted before they are added, so any input order gives the same bits. The
 DARE draws come from ``numpy.random.default_rng([seed, fnv1a64(tensor name)])``, one
 ``random(count_i)`` per adapter in input order (`dare_keep`).
@@ -22,38 +16,25 @@ DARE draws come from ``numpy.random.default_rng([seed, fnv1a64(tensor name)])``,
 Base check: a fingerprint covers only its adapter's support, so two fingerprints are comparable
 only when the supports are identical; elsewhere the adapters must agree on shapes, dtypes and the
 recorded base identity (name and numel), and — when `base` is given — every input is verified
-against it. A union support that is new (equal to no input's) needs base values for its
-fingerprint, so it requires `base`.
+against it. A union support that is new (equal to no input's: adapters of different seeds) needs
+base values for its fingerprint, so it requires `base`; every check runs before any merging.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
 from .. import ops
 from ..adapter import Adapter, TensorDelta
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import bit_view, dtype_name
 from ..errors import SpraError
 from ..fingerprint import fingerprints
 from ..support import ExplicitSupport, SeededSupport, Support, fnv1a64
-
-METHODS = ("sum", "mean", "weighted", "ties", "dare_ties", "dare_linear", "magnitude_prune")
-ALIASES = {"task_arithmetic": "sum", "linear": "weighted"}
-TRIMMING = ("ties", "magnitude_prune")
-DROPPING = ("dare_ties", "dare_linear")
-
-
-def canonical_method(method: str) -> str:
-    """The method's canonical name (aliases resolved); SpraError for an unknown one."""
-    name = ALIASES.get(method, method)
-    if name not in METHODS:
-        known = ", ".join(sorted(METHODS + tuple(ALIASES)))
-        raise SpraError(f"unknown merge method {method!r} (known: {known})")
-    return name
+from .checks import check_fits, refuse_nonfinite
+from .methods import DEFAULT_METHOD, MergeMethod, merge_method
+from .recipe import MergeRequest
 
 
 def dare_keep(seed: int, name: str, counts: list[int], density: list[float]) -> list[np.ndarray]:
@@ -75,7 +56,7 @@ def magnitude_keep(values: np.ndarray, density: float) -> np.ndarray:
 
 def merge_adapters(
     adapters: list[Adapter],
-    method: str = "sum",
+    method: str = DEFAULT_METHOD,
     weights: list[float] | None = None,
     density: float | list[float] | None = None,
     seed: int = 0,
@@ -84,44 +65,61 @@ def merge_adapters(
 ) -> tuple[Adapter, dict]:
     """Merge `adapters` (all of one base) into one; returns (adapter, report).
 
-    `weights`: one float per adapter (required by ``weighted``). `density`: the fraction of each
-    adapter's own values kept by the trimming/dropping methods, one float or one per adapter
-    (default 1.0). `base`: needed when a union support is new (its fingerprint), and then also
-    used to verify every input. `names`: labels of the inputs (paths) for the provenance.
+    `method`: a name or alias of methods.METHODS. `weights`: one float per adapter (required by
+    ``weighted``). `density`: the fraction of each adapter's own values kept by the trimming and
+    dropping methods, one float or one per adapter (default 1.0). `seed`: of DARE's draws.
+    `base`: needed for a new support's fingerprints (a union no input's support holds, or what is
+    left after a density below 1 drops values), and then also used to verify every input. `names`: labels of the inputs (paths) for the provenance.
 
-    The report: ``{"tensors": {name: {overlap, sign_conflicts, norms, out_norm}}, "overlap",
-    "sign_conflicts", "values", "new_supports"}`` — overlap counts indices in more than one adapter,
-    sign_conflicts those of them with both a positive and a negative input value, norms the fp32
-    L2 norm of each input's values (None where an input lacks the tensor).
+    The report: ``{"tensors": {name: {overlap, sign_conflicts, dropped, norms, out_norm}},
+    "overlap", "sign_conflicts", "values", "dropped", "new_supports"}`` — overlap counts indices in
+    more than one adapter, sign_conflicts those of them with both a positive and a negative input
+    value, dropped the indices of the union that left the support (every input holding them trimmed
+    or dropped them; a tensor left with none is omitted), norms the fp32 L2 norm of each input's
+    values (None where an input lacks the tensor).
     """
-    method = canonical_method(method)
+    spec = merge_method(method)
     n = len(adapters)
     if n == 0:
         raise SpraError("nothing to merge: no adapters given")
     if names is not None and len(names) != n:
         raise ValueError("names must give one label per adapter")
-    w = _check_weights(method, weights, n)
-    d = _check_density(method, density, n)
+    w = spec.check_weights(weights, n)
+    d = spec.check_density(density, n)
+    if base is None and spec.sparsify != "none" and min(d) < 1.0:
+        raise SpraError(
+            f"merge method {spec.name!r} at density {min(d)} removes the values it drops from the support, and "
+            "the fingerprints of the smaller support need the base weights: add --base BASE, the checkpoint the "
+            "adapters were made on"
+        )
     _check_bases(adapters, names)
+    for i, a in enumerate(adapters):
+        refuse_nonfinite(a, _label(names, i), "merge")
+    all_names = list(dict.fromkeys(t for a in adapters for t in a.deltas))
+    members_of = {t: [(i, a.deltas[t]) for i, a in enumerate(adapters) if t in a.deltas] for t in all_names}
+    for tname, members in members_of.items():
+        _check_tensor(tname, members, names)
+        if base is None:
+            _refuse_new_support(tname, members, names)
     if base is not None:
         _verify_against(base, adapters, names)
 
-    all_names = list(dict.fromkeys(t for a in adapters for t in a.deltas))
     deltas, report = {}, {}
-    totals = {"overlap": 0, "sign_conflicts": 0, "values": 0, "new_supports": 0}
-    for tname in all_names:
-        members = [(i, a.deltas[tname]) for i, a in enumerate(adapters) if tname in a.deltas]
-        delta, entry, new = _merge_tensor(tname, members, n, method, w, d, seed, base, names)
-        deltas[tname] = delta
+    totals = {"overlap": 0, "sign_conflicts": 0, "values": 0, "dropped": 0, "new_supports": 0}
+    for tname, members in members_of.items():
+        delta, entry, new = _merge_tensor(tname, members, n, spec, w, d, seed, base)
+        if delta.count:
+            deltas[tname] = delta
         report[tname] = entry
         totals["overlap"] += entry["overlap"]
         totals["sign_conflicts"] += entry["sign_conflicts"]
         totals["values"] += delta.count
+        totals["dropped"] += entry["dropped"]
         totals["new_supports"] += int(new)
 
-    dense = _merge_dense(adapters, deltas, names)
+    dense = _merge_dense(adapters, members_of, names)
     exact = (
-        method == "sum"
+        spec.plain_sum
         and all(x == 1.0 for x in w)
         and all(a.exact for a in adapters)
         and totals["overlap"] == 0
@@ -133,7 +131,7 @@ def merge_adapters(
     ]
     provenance = {
         "method": "merge",
-        "merge_method": method,
+        "merge_method": spec.name,
         "parents": parents,
         "weights": weights if weights is None else [float(x) for x in weights],
         "density": density if density is None or isinstance(density, (int, float)) else d,
@@ -149,39 +147,6 @@ def merge_adapters(
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_weights(method: str, weights, n: int) -> list[float]:
-    if weights is None:
-        if method == "weighted":
-            raise SpraError("merge method 'weighted' (linear) needs weights, one per adapter")
-        return [1.0] * n
-    if method == "mean":
-        raise SpraError("merge method 'mean' takes no weights (use 'weighted')")
-    if len(weights) != n:
-        raise SpraError(f"got {len(weights)} weights for {n} adapters (need one per adapter)")
-    out = []
-    for x in weights:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise SpraError(f"merge weight {x!r} is not a finite number")
-        out.append(float(x))
-    if method == "weighted" and sum(out) == 0.0:
-        raise SpraError("merge weights sum to zero: 'weighted' divides by their sum")
-    return out
-
-
-def _check_density(method: str, density, n: int) -> list[float]:
-    if density is None:
-        return [1.0] * n
-    if method not in TRIMMING + DROPPING:
-        raise SpraError(f"density applies only to {', '.join(TRIMMING + DROPPING)}, not to {method!r}")
-    values = [density] * n if isinstance(density, (int, float)) and not isinstance(density, bool) else density
-    if not isinstance(values, (list, tuple)) or len(values) != n:
-        raise SpraError(f"density must be one number or one per adapter ({n}), got {density!r}")
-    for x in values:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < x <= 1.0:
-            raise SpraError(f"density must be in (0, 1], got {x!r}")
-    return [float(x) for x in values]
 
 
 def _label(names, i: int) -> str:
@@ -201,13 +166,24 @@ def _check_bases(adapters: list[Adapter], names) -> None:
 
 
 def _verify_against(base: Checkpoint, adapters: list[Adapter], names) -> None:
-    from ..surgery import verify_adapter
-
     for i, a in enumerate(adapters):
-        problems = verify_adapter(base, a)
-        if problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise SpraError(f"{problems[0]}{more}; is this the adapter's base?", _label(names, i))
+        check_fits(base, a, _label(names, i))
+
+
+def _refuse_new_support(name: str, members: list[tuple[int, TensorDelta]], names) -> None:
+    """Refuse, before any merging, a tensor whose union support is new (no input's holds all the
+    others'): the fingerprints of a new support need the base weights."""
+    (i0, first), rest = members[0], members[1:]
+    odd = next((i for i, t in rest if not _same_support(t.support, first.support)), None)
+    if odd is None:
+        return
+    union = np.unique(np.concatenate([ops.support_indices(t.support).numpy() for _, t in members]))
+    if all(t.count != union.size for _, t in members):
+        raise SpraError(
+            f"tensor {name!r} has different supports in {_label(names, i0)} and {_label(names, odd)} (different "
+            "seeds?), so the merged support is new and its fingerprints need the base weights: add --base BASE, "
+            "the checkpoint the adapters were made on"
+        )
 
 
 def _same_support(a: Support, b: Support) -> bool:
@@ -252,14 +228,14 @@ def _out_values_dtype(members) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _merge_tensor(name, members, n, method, w, d, seed, base, names):
-    """(merged TensorDelta, report entry, whether the support is new) for one tensor."""
-    _check_tensor(name, members, names)
+def _merge_tensor(name, members, n, spec: MergeMethod, w, d, seed, base):
+    """(merged TensorDelta, report entry, whether the support is new) for one tensor (checked, and
+    `base` given if its support is new)."""
     first = members[0][1]
     supports = [t.support for _, t in members]
     if all(_same_support(s, supports[0]) for s in supports[1:]):
         # Shared support: the values line up; no index work at all.
-        support, fp, new = supports[0], first.fingerprint, False
+        support, fp, union = supports[0], first.fingerprint, None
         matrix = torch.stack([t.values.to(torch.float32) for _, t in members])  # [m, count]
         present = None
     else:
@@ -272,24 +248,28 @@ def _merge_tensor(name, members, n, method, w, d, seed, base, names):
             pos = torch.from_numpy(np.searchsorted(union, flat))
             matrix[k, pos] = t.values.to(torch.float32)
             present[k, pos] = True
-        new = owner is None
-        if not new:
-            support, fp = supports[owner], members[owner][1].fingerprint
-        elif base is None:
-            raise SpraError(
-                f"tensor {name!r}: the merged support is new (no input's support contains the others), "
-                "so its base fingerprint needs the base weights; pass the base model (--base)"
-            )
-        else:
-            support = ExplicitSupport(first.numel, union)
-            weight = base.view(name)
-            fp = fingerprints(ops.gather(weight, torch.from_numpy(union)))
+        support, fp = (supports[owner], members[owner][1].fingerprint) if owner is not None else (None, None)
 
     entry = _stats(matrix, present)
-    combined = _combine(name, matrix, present, [i for i, _ in members], n, method, w, d, seed)
-    values = combined.to(_out_values_dtype(members))
+    rows = [i for i, _ in members]
+    kept = _sparsify(spec, name, matrix, present, rows, d, seed)
+    combined = _combine(spec, matrix, rows, w)
     entry["norms"] = _norms(members, n)
     entry["out_norm"] = float(torch.linalg.vector_norm(combined))
+    survivors = None if kept is None else kept.any(0)  # [U]: indices some input keeps
+    entry["dropped"] = 0 if survivors is None else int((~survivors).sum())
+    if entry["dropped"]:
+        flat = (ops.support_indices(support).numpy() if union is None else union)[survivors.numpy()]
+        support, combined = None, combined[survivors]
+    else:
+        flat = union
+    new = support is None
+    if new:  # the union, or what is left of it: fingerprinted on the base
+        support = ExplicitSupport(first.numel, flat)
+        fp = fingerprints(ops.gather(base.view(name), torch.from_numpy(flat)))
+    values = combined.to(_out_values_dtype(members))
+    if not bool(torch.isfinite(values).all()):
+        raise SpraError(f"tensor {name!r}: the merged values overflow {dtype_name(values.dtype)} (Inf)")
     return TensorDelta(name, first.shape, first.dtype, support, values, dict(fp)), entry, new
 
 
@@ -319,53 +299,53 @@ def _ordered_sum(terms: torch.Tensor) -> torch.Tensor:
     return terms.sum(0)
 
 
-def _combine(name, matrix, present, rows, n, method, w, d, seed) -> torch.Tensor:
-    """The merged fp32 values [U] from the inputs' values [m, U] (rows: their adapter numbers;
-    present: which entries each input holds, None when all share one support). Edits `matrix`."""
-    weight = torch.tensor([w[i] for i in rows], dtype=torch.float32)[:, None]  # [m, 1]
-    if method == "sum":
-        return _ordered_sum(matrix * weight if any(w[i] != 1.0 for i in rows) else matrix)
-    if method == "mean":
-        return _ordered_sum(matrix) / torch.tensor(float(n), dtype=torch.float32)
-    if method == "weighted":
-        return _ordered_sum(matrix * weight) / torch.tensor(sum(w), dtype=torch.float32)
-
+def _sparsify(spec: MergeMethod, name, matrix, present, rows, d, seed) -> torch.Tensor | None:
+    """Zero, in place, the values of each input [m, U] that its sparsifier drops (rows: the inputs'
+    adapter numbers; present: which entries each holds, None when all share one support); DARE
+    rescales the kept ones by 1/density. Returns which entries survive [m, U] (None: all held)."""
+    if spec.sparsify == "none":
+        return None
     own = [
-        torch.arange(matrix.shape[1]) if present is None else torch.nonzero(present[k]).squeeze(1)
+        np.arange(matrix.shape[1]) if present is None else torch.nonzero(present[k]).squeeze(1).numpy()
         for k in range(len(rows))
-    ]
-    if method in TRIMMING:
-        for k, i in enumerate(rows):
-            pos = own[k].numpy()  # the input's own values, in support order
-            row = matrix[k].numpy()
-            row[pos[~magnitude_keep(row[pos], d[i])]] = 0.0
+    ]  # each input's own values, in support order
+    if spec.sparsify == "magnitude":
+        keep = [magnitude_keep(matrix[k].numpy()[pos], d[i]) for k, (i, pos) in enumerate(zip(rows, own))]
     else:
-        masks = dare_keep(seed, name, [p.numel() for p in own], [d[i] for i in rows])
-        for k, i in enumerate(rows):
-            pos = own[k].numpy()
-            row = matrix[k].numpy()
-            row[pos[~masks[k]]] = 0.0
-            if d[i] < 1.0:
-                row /= np.float32(d[i])
-    weighted = matrix * weight
-    if method in ("magnitude_prune", "dare_linear"):
-        return _ordered_sum(weighted)
+        keep = dare_keep(seed, name, [pos.size for pos in own], [d[i] for i in rows])
+    kept = torch.zeros(matrix.shape, dtype=torch.bool)
+    for k, i in enumerate(rows):
+        row = matrix[k].numpy()
+        row[own[k][~keep[k]]] = 0.0
+        kept[k, torch.from_numpy(own[k][keep[k]])] = True
+        if spec.sparsify == "random" and d[i] < 1.0:
+            row /= np.float32(d[i])
+    return kept
+
+
+def _combine(spec: MergeMethod, matrix, rows, w) -> torch.Tensor:
+    """The merged fp32 values [U] from the (sparsified) inputs' values [m, U]."""
+    weight = torch.tensor([w[i] for i in rows], dtype=torch.float32)[:, None]  # [m, 1]
+    weighted = matrix * weight if any(w[i] != 1.0 for i in rows) else matrix
+    if not spec.consensus:
+        total = _ordered_sum(weighted)
+        return total / torch.tensor(sum(w), dtype=torch.float32) if spec.normalize else total
     # TIES consensus: the sign of the (weighted) sum, 0 counting as positive.
     majority = torch.where(_ordered_sum(weighted) >= 0, 1.0, -1.0)
     agree = torch.sign(weighted) == majority
     mixed = _ordered_sum(torch.where(agree, weighted, 0.0))
-    if method == "dare_ties":
+    if not spec.normalize:
         return mixed
     divisor = _ordered_sum(torch.where(agree, weight.expand_as(weighted), 0.0))
     return mixed / torch.where(divisor == 0, 1.0, divisor)
 
 
-def _merge_dense(adapters: list[Adapter], deltas: dict, names) -> dict[str, torch.Tensor]:
+def _merge_dense(adapters: list[Adapter], sparse: dict, names) -> dict[str, torch.Tensor]:
     """Dense tensors pass through; the same name twice must hold the same bits."""
     dense: dict[str, torch.Tensor] = {}
     for i, a in enumerate(adapters):
         for tname, t in a.dense.items():
-            if tname in deltas:
+            if tname in sparse:
                 raise SpraError(f"tensor {tname!r} is dense in {_label(names, i)} but sparse in another adapter")
             if tname in dense and not (
                 dense[tname].dtype == t.dtype and torch.equal(bit_view(dense[tname]), bit_view(t))
@@ -375,102 +355,16 @@ def _merge_dense(adapters: list[Adapter], deltas: dict, names) -> dict[str, torc
     return dense
 
 
-# ---------------------------------------------------------------------------------------------
-# mergekit-style recipes
-# ---------------------------------------------------------------------------------------------
-
-_RECIPE_KEYS = {"merge_method", "models", "parameters", "base_model", "seed"}
-_IGNORED_KEYS = {"dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
-_PARAMS = ("weight", "density")
-
-
-def recipe_to_args(path) -> dict:
-    """Read a mergekit-style YAML recipe into merge arguments.
-
-    Accepts ``merge_method``, ``models: [{model: path, parameters: {weight, density}}]``, top-level
-    ``parameters`` (defaults for every model), ``base_model`` (returned as ``base``) and ``seed``.
-    Relative paths resolve against the recipe's folder. Returns ``{"paths", "method", "weights",
-    "density", "seed", "base"}`` (weights/density None when the recipe gives none).
-    """
-    import os
-
-    from ..fsutil import read_yaml
-
-    where = os.fspath(path)
-    doc = read_yaml(where, "recipe")
-
-    def bad(msg):
-        return SpraError(f"bad merge recipe: {msg}", where)
-
-    if not isinstance(doc, dict):
-        raise bad("expected a mapping with merge_method and models")
-    unknown = set(doc) - _RECIPE_KEYS - _IGNORED_KEYS
-    if unknown:
-        raise bad(f"unsupported keys {sorted(unknown)} (known: {sorted(_RECIPE_KEYS)})")
-    method = doc.get("merge_method")
-    if not isinstance(method, str):
-        raise bad("merge_method is missing or not a string")
-    try:
-        method = canonical_method(method)
-    except SpraError as e:
-        raise bad(e.message) from None
-    models = doc.get("models")
-    if not isinstance(models, list) or not models:
-        raise bad("models must be a non-empty list of {model: path, parameters: {...}}")
-    defaults = _recipe_params(doc.get("parameters"), "top-level parameters", bad)
-    root = os.path.dirname(os.path.abspath(where))
-
-    def resolve(p):
-        return p if os.path.isabs(p) else os.path.join(root, p)
-
-    paths, per_model = [], []
-    for k, entry in enumerate(models):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
-            raise bad(f"models[{k}] needs a 'model' path")
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            raise bad(f"models[{k}] has unsupported keys {sorted(extra)}")
-        paths.append(resolve(entry["model"]))
-        per_model.append({**defaults, **_recipe_params(entry.get("parameters"), f"models[{k}].parameters", bad)})
-
-    weights = [p.get("weight") for p in per_model]
-    if all(x is None for x in weights):
-        weights = None
-    elif any(x is None for x in weights):
-        missing = [k for k, x in enumerate(weights) if x is None]
-        raise bad(f"weight given for some models but not for models{missing}")
-    densities = [p.get("density") for p in per_model]
-    if all(x is None for x in densities):
-        density = None
-    elif len(set(densities)) == 1:
-        density = densities[0]
-    else:
-        density = [1.0 if x is None else x for x in densities]
-    seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise bad(f"seed must be a non-negative integer, got {seed!r}")
-    base = doc.get("base_model")
-    if base is not None and not isinstance(base, str):
-        raise bad("base_model must be a path or Hub id")
-    if base is not None and os.path.exists(resolve(base)):
-        base = resolve(base)
-    return {"paths": paths, "method": method, "weights": weights, "density": density, "seed": seed, "base": base}
+def merge_files(request: MergeRequest) -> tuple[Adapter, dict]:
+    """Merge the adapter files a request names (its base opened when it names one); returns
+    (adapter, report) as `merge_adapters`."""
+    if len(request.paths) < 2:
+        raise SpraError("merge needs at least two adapters (arguments or the recipe's models)")
+    base = open_checkpoint(request.base) if request.base else None
+    adapters = [Adapter.load(p) for p in request.paths]
+    return merge_adapters(
+        adapters, request.method, request.weights, request.density, request.seed, base, list(request.paths)
+    )
 
 
-def _recipe_params(params, where: str, bad) -> dict:
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise bad(f"{where} must be a mapping")
-    unknown = set(params) - set(_PARAMS)
-    if unknown:
-        raise bad(f"{where}: unsupported parameters {sorted(unknown)} (supported: weight, density)")
-    for key, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(f"{where}.{key} must be a number (per-layer lists and filters are not supported)")
-    return {k: float(v) for k, v in params.items()}
-
-
-__all__ = ["ALIASES", "METHODS", "canonical_method", "dare_keep", "magnitude_keep", "merge_adapters", "recipe_to_args"]
+__all__ = ["dare_keep", "magnitude_keep", "merge_adapters", "merge_files"]
