@@ -1,27 +1,17 @@
-"""Training data for `spra-tools train`: a local file -> token ids with loss labels -> mini-batches.
+"""Records -> token ids with loss labels: each record shape tokenized with the model's own tokenizer.
 
-A file is JSON Lines, CSV, Parquet or a `datasets` save_to_disk directory. Its first record's keys
-tell the shape: {"text"} or {"prompt", "completion"} or {"messages"} for causal-LM fine-tuning,
-{"text", "label"} for sequence classification. Ids come from the model's own tokenizer (and its chat
-template), so training sees exactly what inference will. `Batches` serves seeded, shuffled,
-resumable mini-batches, sliced per rank so any number of processes sees the same global batches.
-Every problem with a file is one SpraError naming the file and the line or row.
+The first record's keys tell the shape: {"text"} or {"prompt", "completion"} or {"messages"} for
+causal-LM fine-tuning, {"text", "label"} for sequence classification. Ids come from the model's own
+tokenizer (and its chat template), so training sees exactly what inference will.
 """
 
 from __future__ import annotations
 
-import csv
-import importlib
-import json
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ..errors import SpraError
+from ...errors import SpraError
+from .records import json_kind, numbered_records
 
 TASKS = ("causal-lm", "seq-cls")
 IGNORE = -100  # the label of positions without loss (what transformers' losses skip)
@@ -48,153 +38,6 @@ class TokenizedData:
     tokens: int  # tokens kept (no padding)
     loss_tokens: int  # causal-lm: predicted tokens (labels[1:] not IGNORE, as models shift); seq-cls: examples
     dropped: int = 0  # causal-lm examples (or packed chunks) left without any loss token by truncation
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Records of a local data file, each with where it came from: "train.jsonl:12" (line) or
-    "train.parquet[3]" (0-based row, as dataset[3]).
-
-    JSON Lines (.jsonl, .json; a .json file holding one JSON array also works), CSV (.csv, a header
-    row; a label of digits is read as a class id), Parquet (.parquet, needs pyarrow), or a directory
-    written by `datasets`' save_to_disk (needs datasets; of a DatasetDict its only split, else 'train').
-    """
-    path = Path(path)
-    for unit, n, record in _records(path):
-        yield (f"{path.name}:{n}" if unit == "line" else f"{path.name}[{n}]"), record
-
-
-def _records(path: Path) -> Iterator[tuple[str, int, dict]]:
-    """(unit, number, record) where unit is "line", "row" or "record"; checks every record is an object."""
-    if path.is_dir():
-        rows = _read_dataset_dir(path)
-    elif not path.exists():
-        raise SpraError("no such file or directory", path)
-    else:
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        reader = readers.get(path.suffix.lower())
-        if reader is None:
-            raise SpraError(
-                f"unknown data format {path.suffix or '(no extension)'!r}: expected .jsonl, .json, .csv, "
-                ".parquet or a datasets directory",
-                path,
-            )
-        rows = reader(path)
-    empty = True
-    for unit, n, record in rows:
-        if not isinstance(record, dict):
-            raise SpraError(f"{unit} {n}: a record must be an object with named fields, got {_kind(record)}", path)
-        empty = False
-        yield unit, n, record
-    if empty:
-        raise SpraError("no records", path)
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, int, object]]:
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise SpraError(f"line {n}: not UTF-8 text", path) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpraError(f"line {n}: invalid JSON ({e.msg} at column {e.colno})", path) from None
-            yield "line", n, record
-
-
-def _read_json(path: Path) -> Iterator[tuple[str, int, object]]:
-    with open(path, "rb") as f:
-        is_array = f.read(4096).decode("utf-8-sig", errors="replace").lstrip().startswith("[")
-    if not is_array:
-        yield from _read_jsonl(path)
-        return
-    try:
-        items = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError:
-        raise SpraError("not UTF-8 text", path) from None
-    except json.JSONDecodeError as e:
-        raise SpraError(f"line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})", path) from None
-    for i, item in enumerate(items):
-        yield "record", i, item
-
-
-def _read_csv(path: Path) -> Iterator[tuple[str, int, object]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        try:
-            for row in reader:
-                n = reader.line_num
-                if None in row:
-                    raise SpraError(f"line {n}: more fields than the header has columns", path)
-                if None in row.values():
-                    raise SpraError(f"line {n}: fewer fields than the header has columns", path)
-                # CSV has only strings; a label of digits is a class id, as it would be in JSON.
-                if re.fullmatch(r"[0-9]+", row.get("label") or ""):
-                    row["label"] = int(row["label"])
-                yield "line", n, row
-        except UnicodeDecodeError:
-            raise SpraError(f"line {reader.line_num + 1}: not UTF-8 text", path) from None
-        except csv.Error as e:
-            raise SpraError(f"line {reader.line_num}: {e}", path) from None
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, int, object]]:
-    pa = _require("pyarrow", "Parquet files", path)
-    parquet = importlib.import_module("pyarrow.parquet")
-    i = 0
-    try:
-        for batch in parquet.ParquetFile(path).iter_batches():
-            for record in batch.to_pylist():
-                yield "row", i, record
-                i += 1
-    except (pa.ArrowException, OSError) as e:
-        raise SpraError(f"not a readable Parquet file ({e})", path) from None
-
-
-def _read_dataset_dir(path: Path) -> Iterator[tuple[str, int, object]]:
-    if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        raise SpraError("a directory must be one written by datasets' save_to_disk (no state.json in it)", path)
-    datasets = _require("datasets", "datasets directories", path)
-    try:
-        data = datasets.load_from_disk(str(path))
-    except (OSError, ValueError) as e:
-        raise SpraError(f"cannot load the datasets directory ({e})", path) from None
-    if isinstance(data, datasets.DatasetDict):
-        if len(data) == 1:
-            (data,) = data.values()
-        elif "train" in data:
-            data = data["train"]
-        else:
-            raise SpraError(f"a DatasetDict with splits {sorted(data)} and none named 'train'", path)
-    for i, record in enumerate(data):
-        yield "row", i, record
-
-
-def _require(module: str, what: str, path: Path):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise SpraError(f"reading {what} needs the {module} package (pip install {module})", path) from None
-
-
-def _kind(value) -> str:
-    """A value's type in JSON words, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-# --- tokenizing -------------------------------------------------------------------------------
 
 
 def tokenize(
@@ -228,7 +71,7 @@ def tokenize(
     examples: list[tuple[list[int], list[int]]] = []
     labels: list[tuple[str, str | int]] = []
     records = 0
-    for unit, n, record in _records(path):
+    for unit, n, record in numbered_records(path):
         where = f"{unit} {n}"
         keys = frozenset(record) & KNOWN_KEYS
         if first is None:
@@ -315,7 +158,7 @@ def _names(keys: frozenset) -> str:
 def _string(record: dict, key: str, where: str, path: Path, allow_empty: bool = False) -> str:
     value = record[key]
     if not isinstance(value, str):
-        raise SpraError(f'{where}: "{key}" must be a string, got {_kind(value)}', path)
+        raise SpraError(f'{where}: "{key}" must be a string, got {json_kind(value)}', path)
     if not allow_empty and not value.strip():
         raise SpraError(f'{where}: empty "{key}"', path)
     return value
@@ -333,7 +176,9 @@ def _messages(record: dict, where: str, path: Path) -> list[dict]:
                 f"{where}: message {i} has unknown role {message['role']!r}; expected one of {', '.join(ROLES)}", path
             )
         if not isinstance(message["content"], str):
-            raise SpraError(f'{where}: message {i}: "content" must be a string, got {_kind(message["content"])}', path)
+            raise SpraError(
+                f'{where}: message {i}: "content" must be a string, got {json_kind(message["content"])}', path
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise SpraError(f"{where}: no assistant message, so nothing to learn", path)
     return messages
@@ -342,7 +187,9 @@ def _messages(record: dict, where: str, path: Path) -> list[dict]:
 def _label(record: dict, where: str, path: Path) -> str | int:
     label = record["label"]
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise SpraError(f'{where}: "label" must be a name (string) or a class id (integer), got {_kind(label)}', path)
+        raise SpraError(
+            f'{where}: "label" must be a name (string) or a class id (integer), got {json_kind(label)}', path
+        )
     if isinstance(label, int) and label < 0:
         raise SpraError(f"{where}: negative class id {label}", path)
     if isinstance(label, str) and not label.strip():
@@ -358,7 +205,7 @@ def _label_ids(
     for where, label in labels:
         if type(label) is not kind:
             raise SpraError(
-                f"{where}: label {label!r} is {_kind(label)} but {labels[0][0]} has {_kind(labels[0][1])}; "
+                f"{where}: label {label!r} is {json_kind(label)} but {labels[0][0]} has {json_kind(labels[0][1])}; "
                 "use names throughout or class ids throughout",
                 path,
             )
@@ -451,131 +298,3 @@ class _Encoder:
             raise SpraError(f"{where}: the chat template failed: {e}", self.path) from None
         # The template writes its own special tokens (bos, turn markers).
         return self.encode(text, specials=False)
-
-
-# --- batching ---------------------------------------------------------------------------------
-
-
-class Batches:
-    """Endless, seeded, shuffled (per epoch) mini-batches of a TokenizedData.
-
-    Each step takes the next global batch of batch_size * world_size examples from the epoch's
-    order (a permutation seeded by (seed, epoch)); rank r gets slice [r * batch_size, (r + 1) *
-    batch_size) of it, so the global batches do not depend on the number of processes. An epoch
-    ends when less than a global batch is left (the rest waits for a later epoch's order).
-    Batches: input_ids, attention_mask [B, T] right-padded with pad_id; labels [B, T] (causal-lm,
-    IGNORE at padding) or [B] (seq-cls); all int64.
-    """
-
-    def __init__(
-        self,
-        data: TokenizedData,
-        batch_size: int,
-        seed: int,
-        pad_id: int,
-        task: str,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if task not in TASKS:
-            raise SpraError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if batch_size < 1:
-            raise SpraError(f"batch size must be at least 1, got {batch_size}")
-        if seed < 0:
-            raise SpraError(f"seed must be non-negative, got {seed}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.data, self.batch_size, self.seed, self.pad_id, self.task = data, batch_size, seed, pad_id, task
-        self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
-        self.global_batch = batch_size * world_size
-        self.examples = len(data.input_ids)
-        if self.examples < self.global_batch:
-            raise SpraError(
-                f"{self.examples} examples are fewer than one batch of {self.global_batch} "
-                f"({batch_size} per process x {world_size} processes)"
-            )
-        self._epoch = 0
-        self._position = 0  # examples of the current epoch's order already served, all ranks together
-        self.examples_seen = 0  # all ranks together, since the start of training
-        self._order: tuple[int, np.ndarray] | None = None
-
-    @property
-    def epoch(self) -> int:
-        """Completed passes over the data."""
-        return self._epoch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.examples // self.global_batch
-
-    def __iter__(self) -> Batches:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        start = self._position + self.rank * self.batch_size
-        batch = collate(self.data, self._epoch_order()[start : start + self.batch_size], self.pad_id, self.task)
-        self._position += self.global_batch
-        self.examples_seen += self.global_batch
-        self._wrap()
-        return batch
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None or self._order[0] != self._epoch:
-            order = (
-                np.random.default_rng((self.seed, self._epoch)).permutation(self.examples)
-                if self.shuffle
-                else np.arange(self.examples)
-            )
-            self._order = (self._epoch, order)
-        return self._order[1]
-
-    def _wrap(self) -> None:
-        if self._position + self.global_batch > self.examples:
-            self._epoch += 1
-            self._position = 0
-
-    def state_dict(self) -> dict:
-        """JSON-able; with the same data and seed, load_state_dict continues bit-exactly (also
-        under a different number of processes, as the position counts examples, not steps)."""
-        return {
-            "epoch": self._epoch,
-            "position": self._position,
-            "examples_seen": self.examples_seen,
-            "seed": self.seed,
-            "examples": self.examples,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["examples"]) != (self.seed, self.examples):
-            raise SpraError(
-                f"cannot resume the data order: it was saved for {state['examples']} examples with seed "
-                f"{state['seed']}, the data now has {self.examples} examples and seed {self.seed}"
-            )
-        self._epoch, self._position, self.examples_seen = state["epoch"], state["position"], state["examples_seen"]
-        self._wrap()
-
-
-def eval_batches(data: TokenizedData, batch_size: int, pad_id: int, task: str) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass in file order, every example once; the last batch may be short."""
-    n = len(data.input_ids)
-    for start in range(0, n, batch_size):
-        yield collate(data, range(start, min(start + batch_size, n)), pad_id, task)
-
-
-def collate(data: TokenizedData, indices, pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """The examples at `indices`, right-padded to the longest with pad_id."""
-    rows = [data.input_ids[i] for i in indices]
-    shape = (len(rows), max(map(len, rows)))
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention_mask[r, : len(ids)] = 1
-    if task == "seq-cls":
-        labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)  # [B]
-    else:
-        labels = torch.full(shape, IGNORE, dtype=torch.long)  # [B, T]
-        for r, i in enumerate(indices):
-            labels[r, : len(data.labels[i])] = torch.tensor(data.labels[i])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
