@@ -21,6 +21,8 @@ from ..targets import PRESETS
 
 VERSION = 1
 _REQUIRED = ("base", "data", "output")
+# Settings that may differ between a run and its resumption (they change nothing it computes).
+_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+    def run_settings(self) -> dict:
+        """`to_dict` less where outputs go and how the run is resumed: the settings that decide what
+        it computes, which a checkpoint must match and an adapter records."""
+        return {k: v for k, v in self.to_dict().items() if k not in _RESUMABLE}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -1,0 +1,126 @@
+"""Training checkpoints (`--checkpoint-dir`): what `--resume` needs to continue a run bit-exactly.
+
+A checkpoint is a directory `last/` in the checkpoint dir with `state.safetensors` (the fp32 master
+deltas, the AdamW moments and the best evaluated deltas, each keyed `<kind>/<tensor name>`) and
+`state.json` (the run's settings, its `RunState` and each tensor's optimizer step count). No pickle:
+a checkpoint is read with safetensors and json only. (Not to be confused with the base model's
+checkpoint, `spra_tools.checkpoint`.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SpraError
+from ..fsutil import atomic_path
+
+STATE, TENSORS = "state.json", "state.safetensors"
+LAST = "last"
+
+
+@dataclass
+class RunState:
+    """Where a run stands after `step` optimizer steps. With the deltas and the optimizer's moments,
+    exactly what a checkpoint stores; everything else is rebuilt from the config."""
+
+    step: int = 0  # optimizer steps done
+    position: dict | None = None  # Batches.state_dict() after the last completed step
+    tokens: int = 0  # trained on so far, all ranks together
+    best: dict | None = None  # metrics of the best evaluation so far
+    best_step: int | None = None  # the step it was made after
+    stale: int = 0  # evaluations since the best one
+    best_values: dict[str, torch.Tensor] | None = None  # the deltas at best_step, restored at the end
+
+    def record_eval(self, step: int, metrics: dict, improved: bool, deltas) -> None:
+        """Book an evaluation after `step` steps; `deltas` are (name, tensor) pairs to keep when it improved."""
+        if improved:
+            self.best, self.best_step, self.stale = metrics, step, 0
+            self.best_values = {name: d.detach().clone() for name, d in deltas}
+        else:
+            self.stale += 1
+
+    def bookkeeping(self) -> dict:
+        """The JSON-able part (the tensors go to state.safetensors)."""
+        return {"step": self.step, "best": self.best, "best_step": self.best_step, "stale": self.stale,
+                "tokens": self.tokens}  # fmt: skip
+
+
+def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) -> None:
+    """Write `directory`/last: the deltas and moments of `sm` and `optimizer`, and `state`."""
+    from safetensors.torch import save_file
+
+    tensors, steps = {}, {}
+    for name, delta, *_ in sm.sites():
+        moments = optimizer.state.get(delta, {})
+        steps[name] = moments.get("step", 0)
+        tensors[f"delta/{name}"] = delta.detach().cpu().contiguous()
+        if moments:
+            tensors[f"exp_avg/{name}"] = moments["exp_avg"].cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = moments["exp_avg_sq"].cpu().contiguous()
+        if state.best_values is not None:
+            tensors[f"best/{name}"] = state.best_values[name].cpu().contiguous()
+    document = {
+        "config": settings,
+        "bookkeeping": state.bookkeeping(),
+        "optimizer_steps": steps,
+        "batches": state.position,
+    }
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(directory) / LAST, overwrite=True, directory=True) as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / STATE).write_text(json.dumps(document, indent=1))
+
+
+def load(directory: str | Path, settings: dict, sm, optimizer, batches, device) -> RunState | None:
+    """Restore a run from `directory`/last into `sm`, `optimizer` and `batches`; None when there is none.
+
+    A checkpoint made with other `settings`, or one that is damaged, is a SpraError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = Path(directory) / LAST
+    if not (where / STATE).is_file():
+        return None
+    try:
+        document = json.loads((where / STATE).read_text())
+        tensors = load_file(str(where / TENSORS))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise SpraError(f"cannot read the checkpoint ({e.__class__.__name__}: {str(e)[:100]})", where) from None
+    if not isinstance(document, dict):
+        raise SpraError(f"the checkpoint's {STATE} is not an object", where)
+    saved = document.get("config", {})
+    changed = sorted(k for k in settings if saved.get(k) != settings[k])
+    if changed:
+        raise SpraError(f"the checkpoint was made with different settings ({', '.join(changed)}); "
+                        "resume with the same ones", where)  # fmt: skip
+    try:
+        return _restore(document, tensors, sm, optimizer, batches, device)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # damaged: the run stops here
+        raise SpraError(f"the checkpoint is incomplete or damaged ({e.__class__.__name__}: {str(e)[:100]})",
+                        where) from None  # fmt: skip
+
+
+def _restore(document: dict, tensors: dict, sm, optimizer, batches, device) -> RunState:
+    best = None
+    with torch.no_grad():
+        for name, delta, *_ in sm.sites():
+            delta.copy_(tensors[f"delta/{name}"])
+            step = document["optimizer_steps"].get(name, 0)
+            if step:
+                optimizer.state[delta] = {
+                    "step": step,
+                    "exp_avg": tensors[f"exp_avg/{name}"].to(device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(device),
+                }
+            if f"best/{name}" in tensors:
+                best = best or {}
+                best[name] = tensors[f"best/{name}"].to(device)
+    sm.sync()
+    batches.load_state_dict(document["batches"])
+    kept = dict(document["bookkeeping"])
+    return RunState(step=kept["step"], position=batches.state_dict(), tokens=kept["tokens"], best=kept["best"],
+                    best_step=kept["best_step"], stale=kept["stale"], best_values=best)  # fmt: skip
