@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from ...errors import SpraError
-from .tokenizing import IGNORE, TASKS, TokenizedData
+from ..config import TASKS
+from .tokenizing import IGNORE, TokenizedData
 
 
 class Batches:

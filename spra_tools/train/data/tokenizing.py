@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import SpraError
+from ..config import TASKS
 from .records import json_kind, numbered_records
 
-TASKS = ("causal-lm", "seq-cls")
 IGNORE = -100  # the label of positions without loss (what transformers' losses skip)
 ROLES = ("system", "user", "assistant", "tool")
 # Record shape by the known keys a record has; other keys (ids, sources, ...) are ignored.
