@@ -12,11 +12,12 @@ import sys
 
 import click
 
+from .format import SHORT_DTYPES
 from .fsutil import human_size
 from .train.config import TrainConfig
 
 _DEBUG = os.environ.get("SPRA_TOOLS_DEBUG") == "1"
-VALUES_DTYPES = click.Choice(["bf16", "fp16", "fp32"])
+VALUES_DTYPES = click.Choice(list(SHORT_DTYPES))
 
 
 def _progress(ctx: click.Context) -> bool:

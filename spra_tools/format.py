@@ -48,6 +48,8 @@ DTYPES: dict[str, tuple[int, np.dtype]] = {
     "F64": (8, np.dtype("<f8")),
 }
 FLOAT_DTYPES = ("F32", "BF16", "F16")
+# How users spell them (`--values-dtype`, training configs).
+SHORT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 VALUE_DTYPES = ("BF16", "F16", "F32")
 

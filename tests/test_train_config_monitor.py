@@ -31,6 +31,16 @@ def test_defaults():
     assert c.version == 1
 
 
+def test_values_dtype_offers_what_every_command_offers():
+    from spra_tools.cli import cli
+
+    for dtype in ("bf16", "fp16", "fp32"):
+        assert cfg(values_dtype=dtype).values_dtype == dtype
+    offered = {name: p.type.choices for name, c in cli.commands.items() for p in c.params if p.name == "values_dtype"}
+    assert {"train", "create", "diff", "stack"} <= set(offered)
+    assert all(list(choices) == ["bf16", "fp16", "fp32"] for choices in offered.values()), offered
+
+
 def test_coercion():
     c = cfg(targets=["vo", r"mlp\.down"], exclude="layers\\.0\\.", betas=[0.9, 0.95], warmup=10, lr="1e-4")
     assert c.targets == ("vo", r"mlp\.down") and c.exclude == ("layers\\.0\\.",)
@@ -59,7 +69,7 @@ BAD = [
     ({"task": "qa"}, "--task must be one of causal-lm, seq-cls"),
     ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
     ({"dtype": "fp16"}, "--dtype must be one of bf16, fp32"),
-    ({"values_dtype": "fp16"}, "--values-dtype must be one of bf16, fp32"),
+    ({"values_dtype": "fp8"}, "--values-dtype must be one of bf16, fp16, fp32"),
     ({"weight_decay": -1}, "--weight-decay must be >= 0"),
     ({"max_grad_norm": -1}, "--max-grad-norm must be >= 0"),
     ({"betas": (0.9, 1.0)}, "--betas must both be in [0, 1)"),

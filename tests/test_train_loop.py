@@ -116,6 +116,17 @@ def test_gradient_checkpointing_trains_the_same_adapter(workdir, tmp_path):
         assert torch.equal(checkpointed.deltas[name].values.view(torch.int16), delta.values.view(torch.int16))
 
 
+def test_fp16_values_are_the_trained_deltas_rounded_to_fp16(workdir, tmp_path):
+    for dtype in ("fp32", "fp16"):
+        train(_config(workdir, tmp_path / f"{dtype}.spra", steps=3, values_dtype=dtype), progress=False)
+    exact, half = Adapter.load(tmp_path / "fp32.spra"), Adapter.load(tmp_path / "fp16.spra")
+    assert exact.exact and not half.exact
+    for name, delta in exact.deltas.items():  # fp32 values are the master deltas, bit for bit
+        assert delta.values.dtype == torch.float32 and delta.values.abs().sum() > 0
+        assert half.deltas[name].values.dtype == torch.float16
+        assert torch.equal(half.deltas[name].values.view(torch.int16), delta.values.half().view(torch.int16))
+
+
 def test_sequence_classification_learns_a_separable_task(workdir, tmp_path):
     config = _config(workdir, tmp_path / "cls.spra", task="seq-cls", data=str(workdir / "cls_train.jsonl"),
                      eval_data=str(workdir / "cls_eval.jsonl"), targets=("all-linear",), steps=60, lr=5e-3,

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
 from ..errors import SpraError
+from ..format import SHORT_DTYPES
 from ..fsutil import read_yaml
 from ..targets import PRESETS
 
@@ -27,6 +28,7 @@ _RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every
 
 Task = Literal["causal-lm", "seq-cls"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
+ValuesDtype = Literal[tuple(SHORT_DTYPES)]  # what every command's --values-dtype offers
 DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
 
 
@@ -82,7 +84,7 @@ class TrainConfig:
     dtype: Literal["bf16", "fp32"] = _setting("bf16", "Of the frozen base weights and activations.")
     gradient_checkpointing: bool = _setting(False, "Recompute activations in backward (less memory).")
     log_dir: str | None = _setting(None, "metrics.jsonl, TensorBoard events and curves.png go here.", metavar="DIR")
-    values_dtype: Literal["bf16", "fp32"] = _setting("bf16", "Of the delta values stored in the adapter.")
+    values_dtype: ValuesDtype = _setting("bf16", "Of the delta values stored in the adapter.")
     overwrite: bool = _setting(False, "Replace OUTPUT if it exists.")
     version: int = VERSION
 

@@ -23,7 +23,9 @@ from pathlib import Path
 import click
 import torch
 
+from ..adapter import TORCH_DTYPES
 from ..errors import SpraError
+from ..format import SHORT_DTYPES
 from ..fsutil import check_output
 from . import checkpoints
 from .checkpoints import RunState
@@ -316,7 +318,7 @@ def _save_adapter(run: _Run, state: RunState) -> None:
             for name, delta, *_ in sm.sites():
                 delta.copy_(state.best_values[name])
         sm.sync()
-    values_dtype = torch.float32 if config.values_dtype == "fp32" else torch.bfloat16
+    values_dtype = TORCH_DTYPES[SHORT_DTYPES[config.values_dtype]]
     task = {"type": config.task}
     if data.id2label:
         task["id2label"] = {str(k): v for k, v in data.id2label.items()}
