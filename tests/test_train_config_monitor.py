@@ -50,7 +50,8 @@ def test_coercion():
 BAD = [
     ({"density": 0}, "--density must be in (0, 1]"),
     ({"density": 1.5}, "--density must be in (0, 1]"),
-    ({"seed": -1}, "--seed must be >= 0"),
+    ({"seed": -1}, "--seed must be an integer in [0, 2**64), got -1"),
+    ({"seed": 2**64}, "--seed must be an integer in [0, 2**64), got 18446744073709551616"),
     ({"seed": 1.5}, "--seed must be a whole number"),
     ({"steps": 10, "epochs": 1}, "give --steps or --epochs, not both"),
     ({"steps": 0}, "--steps must be >= 1"),

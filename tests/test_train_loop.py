@@ -127,6 +127,13 @@ def test_fp16_values_are_the_trained_deltas_rounded_to_fp16(workdir, tmp_path):
         assert torch.equal(half.deltas[name].values.view(torch.int16), delta.values.half().view(torch.int16))
 
 
+def test_any_64_bit_seed_trains(workdir, tmp_path):
+    for seed in (20_000_000_000_000, 2**64 - 1):
+        train(_config(workdir, tmp_path / f"{seed}.spra", steps=2, seed=seed), progress=False)
+        adapter = Adapter.load(tmp_path / f"{seed}.spra")
+        assert adapter.provenance["config"]["seed"] == seed and adapter.num_values > 0
+
+
 def test_sequence_classification_learns_a_separable_task(workdir, tmp_path):
     config = _config(workdir, tmp_path / "cls.spra", task="seq-cls", data=str(workdir / "cls_train.jsonl"),
                      eval_data=str(workdir / "cls_eval.jsonl"), targets=("all-linear",), steps=60, lr=5e-3,

@@ -19,6 +19,7 @@ from typing import Literal
 from ..errors import SpraError
 from ..format import SHORT_DTYPES
 from ..fsutil import read_yaml
+from ..support import check_seed
 from ..targets import PRESETS
 
 VERSION = 1
@@ -97,7 +98,6 @@ class TrainConfig:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS)
         checks = [
             (0.0 < self.density <= 1.0, "--density must be in (0, 1]"),
-            (self.seed >= 0, "--seed must be >= 0"),
             (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
             (self.steps is None or self.steps >= 1, "--steps must be >= 1"),
             (self.epochs is None or self.epochs > 0, "--epochs must be > 0"),
@@ -129,6 +129,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise SpraError(message)
+        try:
+            check_seed(self.seed)  # the supports' seed: 64 bits, unsigned
+        except ValueError as e:
+            raise SpraError(f"--{e}") from None
         for target in self.targets:
             if target not in PRESETS:
                 _check_regex("--targets", target, f" is neither a preset ({', '.join(PRESETS)}) nor a valid regex")

@@ -214,7 +214,7 @@ def _step(run: _Run, state: RunState, monitor: Monitor) -> None:
     """One optimizer step (grad_accum micro-batches); advances `state` and logs the step."""
     config, dist = run.config, run.dist
     step = state.step
-    torch.manual_seed(config.seed * 1_000_003 + step)  # dropout etc.: the same at each step on resume
+    torch.manual_seed(_step_seed(config.seed, step))  # dropout etc.: the same at each step on resume
     loss_sum, tokens = torch.zeros((), device=run.device), 0
     for micro in range(config.grad_accum):
         batch = {k: v.to(run.device) for k, v in next(run.batches).items()}
@@ -241,6 +241,12 @@ def _step(run: _Run, state: RunState, monitor: Monitor) -> None:
     state.tokens += tokens
     norm = run.optimizer.last_grad_norm
     monitor.log_train(state.step, float(loss_sum), lr, tokens, None if norm is None else float(norm))
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """torch's seed for optimizer step `step`: in torch's range [0, 2**64) for any 64-bit support seed
+    (the product wraps modulo 2**64; 1_000_003 is odd, so at one step distinct seeds stay distinct)."""
+    return (seed * 1_000_003 + step) % 2**64
 
 
 def _evaluate_and_record(run: _Run, state: RunState, monitor: Monitor) -> None:
