@@ -171,6 +171,30 @@ def test_prompt_completion_and_chat_records_train(workdir, tmp_path, shape):
     assert summary["steps"] == 4 and Adapter.load(tmp_path / "p.spra").num_values > 0
 
 
+def test_examples_truncation_drops_are_reported_and_recorded(workdir, tmp_path, call_cli):
+    # Short prompts keep their completion within 8 tokens; 12-word prompts leave it beyond the cut.
+    short = [{"prompt": " ".join(WORDS[i : i + 3]), "completion": " " + WORDS[i + 3]} for i in range(8)]
+    long = [{"prompt": " ".join(WORDS[i : i + 12]), "completion": " " + WORDS[i + 12]} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short + long))
+    args = ["train", workdir / "base", "--data", tmp_path / "d.jsonl", "--eval-data", tmp_path / "d.jsonl",
+            "--max-length", "8", "--steps", "1", "--device", "cpu"]  # fmt: skip
+    rc, out, err = call_cli(*args, "-o", tmp_path / "a.spra")
+    assert rc == 0, err
+    counts = "16 records -> 8 examples, {} tokens (8 truncated to --max-length 8, 8 dropped (truncation left them"
+    (line,) = [x for x in out.splitlines() if x.startswith("data: ")]
+    kept_tokens = sum(1 + 4 + 1 for _ in short)  # bos, prompt and completion words, eos
+    assert line.startswith("data: " + counts.format(kept_tokens)) and "; eval: " + counts.format(kept_tokens) in line
+    record = {"records": 16, "examples": 8, "truncated": 8, "dropped": 8}
+    provenance = Adapter.load(tmp_path / "a.spra").provenance
+    assert provenance["data"] == record and provenance["eval_data"] == record
+
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
+    rc, _, err = call_cli(*args[:3], tmp_path / "long.jsonl", *args[4:], "-o", tmp_path / "b.spra")
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "long.jsonl" in err and "all 8" in err and "--max-length" in err
+    assert not (tmp_path / "b.spra").exists()
+
+
 def test_yaml_config_with_flags_on_top_is_stored_in_the_provenance(workdir, tmp_path, call_cli):
     (tmp_path / "run.yaml").write_text(
         f"base: {workdir / 'base'}\ndata: {workdir / 'corpus.jsonl'}\nsteps: 3\nlr: 0.001\ndensity: 0.02\n"

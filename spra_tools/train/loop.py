@@ -175,12 +175,26 @@ def _load_data(config: TrainConfig, tokenizer, echo) -> tuple[TokenizedData, Tok
     eval_data = None
     if config.eval_data:
         eval_data = tokenize(config.eval_data, tokenizer, config.task, config.max_length, False, label2id)
-    echo(
-        f"data: {train_data.records:,} records -> {len(train_data.input_ids):,} examples, {train_data.tokens:,} tokens"
-        + (f" ({train_data.truncated:,} truncated to {config.max_length})" if train_data.truncated else "")
-        + (f"; eval: {len(eval_data.input_ids):,} examples" if eval_data else "")
-    )
+    line = f"data: {_counts(train_data, config.max_length)}"
+    if eval_data is not None:
+        line += f"; eval: {_counts(eval_data, config.max_length)}"
+    echo(line)
     return train_data, eval_data
+
+
+def _counts(data: TokenizedData, max_length: int) -> str:
+    """Records in, examples out, and what truncation did on the way: examples are never lost unsaid."""
+    text = f"{data.records:,} records -> {len(data.input_ids):,} examples, {data.tokens:,} tokens"
+    cut = [f"{data.truncated:,} truncated to --max-length {max_length}"] if data.truncated else []
+    if data.dropped:
+        cut.append(f"{data.dropped:,} dropped (truncation left them no token to learn)")
+    return text + (f" ({', '.join(cut)})" if cut else "")
+
+
+def _data_record(data: TokenizedData) -> dict:
+    """What an adapter's provenance says of its training (or evaluation) data."""
+    return {"records": data.records, "examples": len(data.input_ids), "truncated": data.truncated,
+            "dropped": data.dropped}  # fmt: skip
 
 
 def _sparse_model(config: TrainConfig, model) -> SparseModel:
@@ -333,9 +347,11 @@ def _save_adapter(run: _Run, state: RunState) -> None:
         "steps": state.step,
         "tokens": state.tokens,
         "best_eval": None if state.best is None else {"step": state.best_step, **state.best},
-        "data": {"records": data.records, "examples": len(data.input_ids), "truncated": data.truncated},
+        "data": _data_record(data),
         "tool": "spra-tools train",
     }
+    if run.eval_data is not None:
+        provenance["eval_data"] = _data_record(run.eval_data)
     if run.dist.main:
         sm.save(config.output, values_dtype, overwrite=config.overwrite, provenance=provenance, task=task)
     if run.dist.world > 1:

@@ -124,7 +124,11 @@ def tokenize(
     # Position 0 predicts nothing (models shift labels): a piece needs a loss label after it.
     kept = [(ids, lab) for ids, lab in pieces if any(t != IGNORE for t in lab[1:])]
     if not kept:
-        raise SpraError(f"no example has a token to learn within max_length {max_length}", path)
+        raise SpraError(
+            f"no example has a token to learn within max_length {max_length}: truncation cut the loss tokens "
+            f"of all {len(pieces):,}; use a larger --max-length",
+            path,
+        )
     return TokenizedData(
         input_ids=[ids for ids, _ in kept],
         labels=[lab for _, lab in kept],
