@@ -243,6 +243,7 @@ def test_non_finite_loss_is_null(tmp_path):
 
 def test_best_eval_and_improved():
     mon = Monitor(None, 10, echo=lambda s: None, progress=False)
+    assert mon.log_eval(0, {"loss": 1.0}, baseline=True) is False and mon.best is None  # never the best
     assert mon.log_eval(1, {"loss": 2.0}) is True
     assert mon.log_eval(2, {"loss": 2.5}) is False
     assert mon.log_eval(3, {"loss": float("nan")}) is False

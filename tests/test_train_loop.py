@@ -20,7 +20,9 @@ from spra_tools.live import load_model
 from spra_tools.surgery import apply_adapter
 from spra_tools.train import SparseAdamW, SparseModel
 from spra_tools.train.config import TrainConfig
+from spra_tools.train.data import tokenize
 from spra_tools.train.loop import train
+from spra_tools.train.monitor import read_log
 
 WORDS = CORPUS.split()
 EXTRA = ["good", "great", "fine", "bad", "awful", "poor", "movie", "positive", "negative", "question", "answer"]
@@ -103,6 +105,31 @@ def test_an_interrupted_run_resumes_to_a_byte_identical_adapter(workdir, tmp_pat
                       **{**common, "lr": 5e-3})  # fmt: skip
     with pytest.raises(SpraError, match="different settings.*lr"):
         train(changed, progress=False)
+
+
+def test_the_base_is_evaluated_before_the_first_step(workdir, tmp_path, call_cli):
+    rc, out, err = call_cli("train", workdir / "base", "--data", workdir / "corpus.jsonl", "--eval-data",
+                            workdir / "corpus.jsonl", "--eval-every", "1", "--steps", "2", "--lr", "1e-2",
+                            "--dtype", "fp32", "--device", "cpu", "--log-dir", tmp_path / "logs",
+                            "-o", tmp_path / "a.spra")  # fmt: skip
+    assert rc == 0, err
+    evals = [x for x in read_log(tmp_path / "logs" / "metrics.jsonl") if x["split"] == "eval"]
+    assert [x["step"] for x in evals] == [0, 1, 2]
+    # The reference: transformers' own loss of the untouched base on each example, token-weighted.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
+    data = tokenize(workdir / "corpus.jsonl", tokenizer, "causal-lm", 512)
+    total = weight = 0.0
+    with torch.no_grad():
+        for ids, labels in zip(data.input_ids, data.labels):
+            n = sum(t != -100 for t in labels[1:])
+            total += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            weight += n
+    assert evals[0]["loss"] == pytest.approx(total / weight, rel=1e-5)
+    assert f"step 0: eval (baseline) loss {evals[0]['loss']:.4g}" in out
+    provenance = Adapter.load(tmp_path / "a.spra").provenance
+    assert provenance["baseline_eval"]["loss"] == evals[0]["loss"]
+    assert provenance["best_eval"]["step"] in (1, 2)  # the baseline is not a trained adapter
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(workdir, tmp_path):

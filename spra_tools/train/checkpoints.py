@@ -34,6 +34,7 @@ class RunState:
     best_step: int | None = None  # the step it was made after
     stale: int = 0  # evaluations since the best one
     best_values: dict[str, torch.Tensor] | None = None  # the deltas at best_step, restored at the end
+    baseline: dict | None = None  # metrics of the evaluation before the first step
 
     def record_eval(self, step: int, metrics: dict, improved: bool, deltas) -> None:
         """Book an evaluation after `step` steps; `deltas` are (name, tensor) pairs to keep when it improved."""
@@ -46,7 +47,7 @@ class RunState:
     def bookkeeping(self) -> dict:
         """The JSON-able part (the tensors go to state.safetensors)."""
         return {"step": self.step, "best": self.best, "best_step": self.best_step, "stale": self.stale,
-                "tokens": self.tokens}  # fmt: skip
+                "tokens": self.tokens, "baseline": self.baseline}  # fmt: skip
 
 
 def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) -> None:
@@ -123,4 +124,5 @@ def _restore(document: dict, tensors: dict, sm, optimizer, batches, device) -> R
     batches.load_state_dict(document["batches"])
     kept = dict(document["bookkeeping"])
     return RunState(step=kept["step"], position=batches.state_dict(), tokens=kept["tokens"], best=kept["best"],
-                    best_step=kept["best_step"], stale=kept["stale"], best_values=best)  # fmt: skip
+                    best_step=kept["best_step"], stale=kept["stale"], best_values=best,
+                    baseline=kept.get("baseline"))  # fmt: skip

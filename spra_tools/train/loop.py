@@ -298,6 +298,9 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
     t0 = time.perf_counter()
     with Monitor(config.log_dir, run.total, rank0=dist.main, echo=echo, progress=progress,
                  resume_step=state.step if config.resume else None) as monitor:  # fmt: skip
+        if run.eval_data is not None and state.step == 0:  # what training is measured against
+            state.baseline = _evaluate(run)
+            monitor.log_eval(0, state.baseline, baseline=True)
         try:
             while state.step < run.total:
                 _step(run, state, monitor)
@@ -346,6 +349,7 @@ def _save_adapter(run: _Run, state: RunState) -> None:
         "config": config.run_settings(),
         "steps": state.step,
         "tokens": state.tokens,
+        "baseline_eval": state.baseline,
         "best_eval": None if state.best is None else {"step": state.best_step, **state.best},
         "data": _data_record(data),
         "tool": "spra-tools train",

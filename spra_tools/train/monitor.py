@@ -110,13 +110,18 @@ class Monitor:
             self._bar.set_postfix_str(f"loss={loss:.4g} lr={lr:.2e} tok/s={rate:,.0f}", refresh=False)
             self._bar.update(advance)
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> bool:
+    def log_eval(self, step: int, metrics: dict[str, float], baseline: bool = False) -> bool:
         """Record an evaluation after `step` optimizer steps; True when it is the best so far.
 
-        Best is the lowest "loss" when the metrics have one, else the highest "accuracy"."""
+        Best is the lowest "loss" when the metrics have one, else the highest "accuracy". A
+        `baseline` (the model before training, at step 0) is logged and shown but never the best:
+        the best is an adapter that training made."""
         metrics = {k: float(v) for k, v in metrics.items()}
         self._write(step, "eval", metrics)
         improved = False
+        if baseline:
+            self._show(f"step {step}: eval (baseline) " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            return improved
         name = "loss" if "loss" in metrics else "accuracy" if "accuracy" in metrics else None
         value = metrics[name] if name is not None else math.nan
         if math.isfinite(value):
@@ -124,14 +129,17 @@ class Monitor:
             improved = best is None or (value < best if name == "loss" else value > best)
             if improved:
                 self.best = {"metric": name, "value": value, "step": step}
-        if self._rank0:
-            line = f"step {step}: eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            if self._bar is not None:
-                with self._bar.external_write_mode(file=sys.stderr):
-                    self._echo(line)
-            else:
-                self._echo(line)
+        self._show(f"step {step}: eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return improved
+
+    def _show(self, line: str) -> None:
+        if not self._rank0:
+            return
+        if self._bar is not None:
+            with self._bar.external_write_mode(file=sys.stderr):
+                self._echo(line)
+        else:
+            self._echo(line)
 
     def close(self) -> None:
         """Stop the clock, close the bar and files and draw curves.png; safe to call twice."""
