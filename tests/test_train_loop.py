@@ -249,6 +249,38 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(workdir, tmp_path, call_c
         assert not (tmp_path / "out.spra").exists()
 
 
+def test_every_path_and_the_resume_are_checked_before_the_base_is_opened(workdir, tmp_path, call_cli, monkeypatch):
+    import spra_tools.checkpoint
+
+    def opened(*_):
+        raise AssertionError("the base was opened")
+
+    monkeypatch.setattr(spra_tools.checkpoint, "open_checkpoint", opened)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "d.txt").write_text("")
+    common = ["--steps", "2", "--device", "cpu", "--lr", "1e-3"]
+    settings = TrainConfig.resolve(None, {"base": str(workdir / "base"), "data": str(workdir / "corpus.jsonl"),
+                                          "output": "x", "steps": 2, "device": "cpu", "lr": 1e-2}).run_settings()  # fmt: skip
+    (tmp_path / "ck" / "last").mkdir(parents=True)
+    (tmp_path / "ck" / "last" / "state.json").write_text(json.dumps({"config": settings}))
+    cases = [  # (flags replacing or added to the good ones, what the one error line says)
+        ({"--data": tmp_path / "missing.jsonl"}, "missing.jsonl: no such file"),
+        ({"--data": tmp_path / "d.txt"}, "unknown data format '.txt'"),
+        ({"--eval-data": tmp_path / "dev.jsonl"}, "dev.jsonl: no such file"),
+        ({"--config": tmp_path / "run.yml"}, "cannot read the config"),
+        ({"-o": tmp_path / "no" / "out.spra"}, "output directory does not exist"),
+        ({"--checkpoint-dir": tmp_path / "a-file" / "ck"}, "cannot be the checkpoint directory"),
+        ({"--log-dir": tmp_path / "a-file" / "logs"}, "cannot be the log directory"),
+        ({"--checkpoint-dir": tmp_path / "ck", "--resume": None}, "different settings (lr)"),
+    ]
+    for given, needle in cases:
+        flags = {"--data": workdir / "corpus.jsonl", "-o": tmp_path / "out.spra", **given}
+        argv = [a for flag, value in flags.items() for a in ((flag,) if value is None else (flag, value))]
+        rc, _, err = call_cli("train", workdir / "base", *argv, *common)
+        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, (given, err)
+        assert not (tmp_path / "out.spra").exists()
+
+
 def test_a_damaged_checkpoint_fails_in_one_line_and_writes_nothing(workdir, tmp_path, call_cli):
     args = ["train", workdir / "base", "--data", workdir / "corpus.jsonl", "--steps", "2", "--device", "cpu",
             "--checkpoint-dir", tmp_path / "ck"]  # fmt: skip

@@ -76,6 +76,12 @@ def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) 
         (tmp / STATE).write_text(json.dumps(document, indent=1))
 
 
+def check_resumable(directory: str | Path, settings: dict) -> None:
+    """A SpraError now if `directory`/last is unreadable or was made with other `settings`, so that
+    --resume fails before the model loads; nothing (a fresh start) when there is no checkpoint."""
+    _read_document(Path(directory) / LAST, settings)
+
+
 def load(directory: str | Path, settings: dict, sm, optimizer, batches, device) -> RunState | None:
     """Restore a run from `directory`/last into `sm`, `optimizer` and `batches`; None when there is none.
 
@@ -84,25 +90,40 @@ def load(directory: str | Path, settings: dict, sm, optimizer, batches, device) 
     from safetensors.torch import load_file
 
     where = Path(directory) / LAST
-    if not (where / STATE).is_file():
+    document = _read_document(where, settings)
+    if document is None:
         return None
     try:
-        document = json.loads((where / STATE).read_text())
         tensors = load_file(str(where / TENSORS))
     except (OSError, ValueError, SafetensorError) as e:
-        raise SpraError(f"cannot read the checkpoint ({e.__class__.__name__}: {str(e)[:100]})", where) from None
-    if not isinstance(document, dict):
-        raise SpraError(f"the checkpoint's {STATE} is not an object", where)
-    saved = document.get("config", {})
-    changed = sorted(k for k in settings if saved.get(k) != settings[k])
-    if changed:
-        raise SpraError(f"the checkpoint was made with different settings ({', '.join(changed)}); "
-                        "resume with the same ones", where)  # fmt: skip
+        raise _unreadable(e, where) from None
     try:
         return _restore(document, tensors, sm, optimizer, batches, device)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # damaged: the run stops here
         raise SpraError(f"the checkpoint is incomplete or damaged ({e.__class__.__name__}: {str(e)[:100]})",
                         where) from None  # fmt: skip
+
+
+def _read_document(where: Path, settings: dict) -> dict | None:
+    """state.json of the checkpoint at `where`, checked against `settings`; None when there is none."""
+    if not (where / STATE).is_file():
+        return None
+    try:
+        document = json.loads((where / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise _unreadable(e, where) from None
+    if not isinstance(document, dict):
+        raise SpraError(f"the checkpoint's {STATE} is not an object", where)
+    saved = document.get("config", {})
+    changed = sorted(k for k in settings if not isinstance(saved, dict) or saved.get(k) != settings[k])
+    if changed:
+        raise SpraError(f"the checkpoint was made with different settings ({', '.join(changed)}); "
+                        "resume with the same ones", where)  # fmt: skip
+    return document
+
+
+def _unreadable(e: Exception, where: Path) -> SpraError:
+    return SpraError(f"cannot read the checkpoint ({e.__class__.__name__}: {str(e)[:100]})", where)
 
 
 def _restore(document: dict, tensors: dict, sm, optimizer, batches, device) -> RunState:

@@ -30,7 +30,7 @@ from ..fsutil import check_output
 from . import checkpoints
 from .checkpoints import RunState
 from .config import TrainConfig, lr_at
-from .data import Batches, TokenizedData, eval_batches, tokenize
+from .data import Batches, TokenizedData, check_source, eval_batches, tokenize
 from .monitor import Monitor, classification_metrics
 from .sparse_model import SparseAdamW, SparseModel
 
@@ -139,10 +139,35 @@ class _Run:
     total: int  # optimizer steps of the run
 
 
-def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
-    """Tokenizer, data, model, SparseModel, optimizer and batches of `config`."""
+def _preflight(config: TrainConfig, dist: _Dist) -> None:
+    """Every path of the run and the checkpoint to resume, checked before anything heavy loads (a
+    base may be gigabytes from the Hub): a typo or a mismatch fails in a second, naming the file."""
+    check_source(config.data)
+    if config.eval_data is not None:
+        check_source(config.eval_data)
+    if config.resume:
+        checkpoints.check_resumable(config.checkpoint_dir, config.run_settings())
     if dist.main:
         check_output(config.output, config.overwrite)
+        for what, path in (("checkpoint directory", config.checkpoint_dir), ("log directory", config.log_dir)):
+            if path is not None:
+                _check_directory(path, what)
+
+
+def _check_directory(path: str, what: str) -> None:
+    """`path` is a writable directory, or one that can be made (checked without making it)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpraError(f"cannot be the {what}: {existing} is not a directory", path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpraError(f"the {what} is not writable ({existing})", path)
+
+
+def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
+    """Tokenizer, data, model, SparseModel, optimizer and batches of `config`."""
+    _preflight(config, dist)
     device = _device(config, dist)
     from ..checkpoint import open_checkpoint
 

@@ -7,7 +7,7 @@ batches. Every problem with a file is one SpraError naming the file and the line
 """
 
 from .batches import Batches, collate, eval_batches
-from .records import read_records
+from .records import check_source, read_records
 from .tokenizing import IGNORE, TokenizedData, tokenize
 
-__all__ = ["IGNORE", "Batches", "TokenizedData", "collate", "eval_batches", "read_records", "tokenize"]
+__all__ = ["IGNORE", "Batches", "TokenizedData", "check_source", "collate", "eval_batches", "read_records", "tokenize"]

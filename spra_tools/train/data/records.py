@@ -29,31 +29,41 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         yield (f"{path.name}:{n}" if unit == "line" else f"{path.name}[{n}]"), record
 
 
+def check_source(path: str | Path) -> None:
+    """A SpraError naming `path` now if it is no data source these readers take (missing, or of an
+    unknown format), so that a typo fails before anything heavy loads."""
+    _reader(Path(path))
+
+
 def numbered_records(path: str | Path) -> Iterator[tuple[str, int, dict]]:
     """(unit, number, record) where unit is "line", "row" or "record"; checks every record is an object."""
     path = Path(path)
-    if path.is_dir():
-        rows = _read_dataset_dir(path)
-    elif not path.exists():
-        raise SpraError("no such file or directory", path)
-    else:
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        reader = readers.get(path.suffix.lower())
-        if reader is None:
-            raise SpraError(
-                f"unknown data format {path.suffix or '(no extension)'!r}: expected .jsonl, .json, .csv, "
-                ".parquet or a datasets directory",
-                path,
-            )
-        rows = reader(path)
     empty = True
-    for unit, n, record in rows:
+    for unit, n, record in _reader(path)(path):
         if not isinstance(record, dict):
             raise SpraError(f"{unit} {n}: a record must be an object with named fields, got {json_kind(record)}", path)
         empty = False
         yield unit, n, record
     if empty:
         raise SpraError("no records", path)
+
+
+def _reader(path: Path):
+    if path.is_dir():
+        if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            raise SpraError("a directory must be one written by datasets' save_to_disk (no state.json in it)", path)
+        return _read_dataset_dir
+    if not path.exists():
+        raise SpraError("no such file or directory", path)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise SpraError(
+            f"unknown data format {path.suffix or '(no extension)'!r}: expected .jsonl, .json, .csv, "
+            ".parquet or a datasets directory",
+            path,
+        )
+    return reader
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, int, object]]:
@@ -122,8 +132,6 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, int, object]]:
 
 
 def _read_dataset_dir(path: Path) -> Iterator[tuple[str, int, object]]:
-    if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        raise SpraError("a directory must be one written by datasets' save_to_disk (no state.json in it)", path)
     datasets = _require("datasets", "datasets directories", path)
     try:
         data = datasets.load_from_disk(str(path))
