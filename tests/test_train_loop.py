@@ -18,7 +18,7 @@ from spra_tools.demo import CORPUS, build_tiny_model, build_word_tokenizer
 from spra_tools.errors import SpraError
 from spra_tools.live import load_model
 from spra_tools.surgery import apply_adapter
-from spra_tools.train import SparseAdamW, SparseModel
+from spra_tools.train import SparseAdamW, SparseModel, checkpoints
 from spra_tools.train.config import TrainConfig
 from spra_tools.train.data import tokenize
 from spra_tools.train.loop import train
@@ -301,6 +301,53 @@ def test_a_damaged_checkpoint_fails_in_one_line_and_writes_nothing(workdir, tmp_
         assert not (tmp_path / "again.spra").exists()
         (last / "state.json").write_text(json.dumps(state))
         (last / "state.safetensors").write_bytes(tensors)
+
+
+def test_a_second_run_in_a_checkpoint_dir_is_refused_in_one_line(workdir, tmp_path, call_cli):
+    import fcntl
+
+    (tmp_path / "ck").mkdir()
+    with open(tmp_path / "ck" / checkpoints.LOCK, "w") as f:  # another run holds the directory
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("4242 on elsewhere\n")
+        f.flush()
+        rc, _, err = call_cli("train", workdir / "base", "--data", workdir / "corpus.jsonl", "--steps", "1",
+                              "--device", "cpu", "--checkpoint-dir", tmp_path / "ck", "-o", tmp_path / "a.spra")  # fmt: skip
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "another train run (pid 4242 on elsewhere) is using this checkpoint directory" in err
+    assert not (tmp_path / "a.spra").exists() and not (tmp_path / "ck" / "last").exists()
+
+
+def test_last_is_a_complete_checkpoint_at_every_moment(workdir, tmp_path, monkeypatch):
+    import os
+
+    state = tmp_path / "ck" / "last" / "state.json"
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            before = state.is_file()
+            result = fn(*args, **kwargs)
+            assert state.is_file() or not before, f"{fn.__name__}{args} left no complete checkpoint at last"
+            return result
+
+        return call
+
+    for name in ("rename", "replace", "symlink", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, watched(getattr(os, name)))
+    config = _config(workdir, tmp_path / "a.spra", steps=3, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=1)
+    train(config, progress=False)  # four checkpoints: after each step, and at the end
+    monkeypatch.undo()
+    assert json.loads(state.read_text())["bookkeeping"]["step"] == 3
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")] == [state.parent.resolve().name]
+
+    # A checkpoint dir whose last is a plain directory (as earlier versions wrote it) resumes and moves on.
+    target = state.parent.resolve()
+    (tmp_path / "ck" / "last").unlink()
+    target.rename(tmp_path / "ck" / "last")
+    train(_config(workdir, tmp_path / "b.spra", steps=3, checkpoint_dir=str(tmp_path / "ck"), resume=True,
+                  checkpoint_every=1), progress=False)  # fmt: skip
+    assert (tmp_path / "ck" / "last").is_symlink() and json.loads(state.read_text())["bookkeeping"]["step"] == 3
+    assert len([p for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")]) == 1
 
 
 def test_early_stopping_keeps_the_best_adapter(workdir, tmp_path):

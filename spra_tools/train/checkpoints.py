@@ -1,25 +1,31 @@
 """Training checkpoints (`--checkpoint-dir`): what `--resume` needs to continue a run bit-exactly.
 
-A checkpoint is a directory `last/` in the checkpoint dir with `state.safetensors` (the fp32 master
-deltas, the AdamW moments and the best evaluated deltas, each keyed `<kind>/<tensor name>`) and
-`state.json` (the run's settings, its `RunState` and each tensor's optimizer step count). No pickle:
-a checkpoint is read with safetensors and json only. (Not to be confused with the base model's
-checkpoint, `spra_tools.checkpoint`.)
+A checkpoint is a directory with `state.safetensors` (the fp32 master deltas, the AdamW moments and
+the best evaluated deltas, each keyed `<kind>/<tensor name>`) and `state.json` (the run's settings,
+its `RunState` and each tensor's optimizer step count). No pickle: a checkpoint is read with
+safetensors and json only. In the checkpoint dir, `last` is a link to the newest checkpoint
+(`step-<step>-<random>/`), replaced in one atomic rename, so it is always a complete checkpoint; a
+`lock` file held by the running process keeps a second run out of the directory. (Not to be
+confused with the base model's checkpoint, `spra_tools.checkpoint`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import SpraError
-from ..fsutil import atomic_path
 
 STATE, TENSORS = "state.json", "state.safetensors"
-LAST = "last"
+LAST, LOCK = "last", "lock"
 
 
 @dataclass
@@ -50,8 +56,35 @@ class RunState:
                 "tokens": self.tokens, "baseline": self.baseline}  # fmt: skip
 
 
+@contextlib.contextmanager
+def held(directory: str | Path):
+    """`directory` (made if missing) for this process alone while the block runs: an exclusive lock on
+    its lock file, which the OS releases however the process ends, so a crash leaves no stale lock."""
+    import fcntl
+
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SpraError(f"cannot use the checkpoint directory ({e.strerror or e})", path) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise SpraError(f"another train run (pid {holder}) is using this checkpoint directory; "
+                            "give each run its own --checkpoint-dir", path) from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) -> None:
-    """Write `directory`/last: the deltas and moments of `sm` and `optimizer`, and `state`."""
+    """A new checkpoint of `sm`'s deltas, `optimizer`'s moments and `state` beside the others; then
+    `last` points at it (one atomic rename) and the older ones are removed."""
     from safetensors.torch import save_file
 
     tensors, steps = {}, {}
@@ -70,10 +103,33 @@ def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) 
         "optimizer_steps": steps,
         "batches": state.position,
     }
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(directory) / LAST, overwrite=True, directory=True) as tmp:
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / STATE).write_text(json.dumps(document, indent=1))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # A fresh name, never the one `last` points at (a step may be saved twice: on schedule, then at the end).
+    new = Path(tempfile.mkdtemp(prefix=f"step-{state.step:08d}-", dir=directory))
+    try:
+        save_file(tensors, str(new / TENSORS))
+        (new / STATE).write_text(json.dumps(document, indent=1))
+        umask = os.umask(0)  # mkdtemp made it private to its owner; a checkpoint gets the usual mode
+        os.umask(umask)
+        os.chmod(new, 0o777 & ~umask)
+        _point_last_at(directory, new.name)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    for old in directory.glob("step-*"):
+        if old.name != new.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _point_last_at(directory: Path, name: str) -> None:
+    last = directory / LAST
+    if last.is_dir() and not last.is_symlink():  # a plain directory, as earlier versions wrote: set it aside
+        os.rename(last, directory / f"step-earlier-{os.getpid()}")
+    link = directory / f".{LAST}.{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(name, link)  # relative: the checkpoint dir may move
+    os.replace(link, last)
 
 
 def check_resumable(directory: str | Path, settings: dict) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def train(config: TrainConfig, echo=click.echo, progress: bool = True, on_step=N
     optimizer step (a KeyboardInterrupt raised there acts as Ctrl-C)."""
     dist = _init_distributed(config)
     try:
-        return _train(config, dist, echo if dist.main else (lambda *_: None), progress, on_step)
+        _preflight(config, dist)
+        # One run at a time in a checkpoint dir: two would overwrite each other's checkpoints.
+        held = checkpoints.held(config.checkpoint_dir) if dist.main and config.checkpoint_dir else nullcontext()
+        with held:
+            return _train(config, dist, echo if dist.main else (lambda *_: None), progress, on_step)
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -167,7 +172,6 @@ def _check_directory(path: str, what: str) -> None:
 
 def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     """Tokenizer, data, model, SparseModel, optimizer and batches of `config`."""
-    _preflight(config, dist)
     device = _device(config, dist)
     from ..checkpoint import open_checkpoint
 
