@@ -253,6 +253,10 @@ def test_best_eval_and_improved():
     assert acc.best == {"metric": "accuracy", "value": 0.7, "step": 3}
     mon.close()
     acc.close()
+    resumed = Monitor(None, 10, echo=lambda s: None, progress=False, resume_step=4, best=(2, {"loss": 1.5}))
+    assert resumed.log_eval(6, {"loss": 1.7}) is False and resumed.best == {"metric": "loss", "value": 1.5, "step": 2}
+    assert resumed.log_eval(8, {"loss": 1.2}) is True
+    resumed.close()
 
 
 def test_tensorboard_events(tmp_path):

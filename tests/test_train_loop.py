@@ -132,6 +132,25 @@ def test_the_base_is_evaluated_before_the_first_step(workdir, tmp_path, call_cli
     assert provenance["best_eval"]["step"] in (1, 2)  # the baseline is not a trained adapter
 
 
+def test_a_resumed_run_keeps_the_best_evaluation_of_before_the_interruption(workdir, tmp_path):
+    # A rate far too high: the evaluation at step 4 is worse than step 2's, whose adapter is kept.
+    common = dict(lr=3.0, steps=4, eval_data=str(workdir / "corpus.jsonl"), eval_every=2)
+    full = train(_config(workdir, tmp_path / "full.spra", **common), progress=False)
+    assert full["best_eval"]["step"] == 2
+
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SpraError, match="interrupted after step 2"):
+        train(_config(workdir, tmp_path / "r.spra", checkpoint_dir=str(tmp_path / "ck"), **common), progress=False,
+              on_step=interrupt)  # fmt: skip
+    resumed = train(_config(workdir, tmp_path / "r.spra", checkpoint_dir=str(tmp_path / "ck"), resume=True, **common),
+                    progress=False)  # fmt: skip
+    assert resumed["best_eval"] == full["best_eval"]
+    assert (tmp_path / "r.spra").read_bytes() == (tmp_path / "full.spra").read_bytes()
+
+
 def test_gradient_checkpointing_trains_the_same_adapter(workdir, tmp_path):
     for flag in (False, True):
         config = _config(workdir, tmp_path / f"{flag}.spra", steps=3, gradient_checkpointing=flag, dtype="fp32")

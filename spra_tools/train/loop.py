@@ -326,7 +326,8 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
     stopped_early = interrupted = False
     t0 = time.perf_counter()
     with Monitor(config.log_dir, run.total, rank0=dist.main, echo=echo, progress=progress,
-                 resume_step=state.step if config.resume else None) as monitor:  # fmt: skip
+                 resume_step=state.step if config.resume else None,
+                 best=None if state.best is None else (state.best_step, state.best)) as monitor:  # fmt: skip
         if run.eval_data is not None and state.step == 0:  # what training is measured against
             state.baseline = _evaluate(run)
             monitor.log_eval(0, state.baseline, baseline=True)
