@@ -4,10 +4,11 @@
 
 Causal-LM SFT or sequence classification on a Hugging Face base: the base's own tokenizer, a
 SparseModel (seeded support; a classification head trains densely), SparseAdamW with warm-up and a
-cosine / linear / constant schedule, gradient accumulation, evaluation and early stopping (the best
-adapter is kept), and checkpoints that make `--resume` bit-exact: master deltas, moments, the
-data position and the evaluation bookkeeping, in safetensors + JSON (no pickle); the RNG is seeded
-per step, so a resumed step draws what the uninterrupted one did.
+cosine / linear / constant schedule, gradient accumulation, evaluation (the base's first, at step
+0) and early stopping (the best adapter is kept), and checkpoints that make `--resume` bit-exact
+(`checkpoints`); the RNG is seeded per step, so a resumed step draws what the uninterrupted one did.
+`_preflight` checks every path before anything loads, `_setup` builds what the steps use (`_Run`),
+`_step` does one optimizer step and advances the `RunState`, which is what a checkpoint stores.
 Under torchrun every rank trains on its slice of each global batch; DDP all-reduces the delta
 gradients; rank 0 writes. Ctrl-C finishes the current step, writes a checkpoint and stops.
 """
