@@ -17,6 +17,7 @@ import click
 from .algebra import methods
 from .format import SHORT_DTYPES
 from .fsutil import human_size
+from .train.config import TrainConfig
 
 _DEBUG = os.environ.get("SPRA_TOOLS_DEBUG") == "1"
 VALUES_DTYPES = click.Choice(list(SHORT_DTYPES))
@@ -579,50 +580,70 @@ def build_ext(kind):
         sys.exit(1)
 
 
+class _ConfigOption(click.Option):
+    """An option whose shown default is its config field's (the option's own default stays None, so
+    that an absent flag keeps the value of a --config file)."""
+
+    def __init__(self, *args, shown_default: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shown_default = shown_default
+
+    def get_help_extra(self, ctx):
+        extra = super().get_help_extra(ctx)
+        if self.shown_default is not None:
+            extra["default"] = self.shown_default
+        return extra
+
+
+def _config_options(config_class):
+    """Click parameters of a config dataclass's fields, from each field's type, default and declared
+    help (field.metadata): Literal -> choices, bool -> --x/--no-x, tuple[str, ...] -> repeatable,
+    tuple[float, float] -> two numbers. Fields without help are not options. Values are checked by
+    the config itself, which names the flag in its errors."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+
+    def wrap(f):
+        for field in reversed(dataclasses.fields(config_class)):
+            meta = field.metadata
+            if meta.get("argument"):
+                f = click.argument(field.name, required=False)(f)
+                continue
+            if not meta.get("help"):
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            hint = hints[field.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if type(None) in typing.get_args(hint):  # X | None
+                (hint,) = args
+                args = list(typing.get_args(hint))
+            kwargs = dict(help=meta["help"], metavar=meta.get("metavar"), default=None, cls=_ConfigOption)
+            if typing.get_origin(hint) is typing.Literal:
+                kwargs["type"] = click.Choice(args)
+            elif hint is bool:
+                flag = f"{flag}/--no-{flag[2:]}"
+            elif typing.get_origin(hint) is tuple and args[-1] is Ellipsis:
+                kwargs.update(type=args[0], multiple=True)
+            elif typing.get_origin(hint) is tuple:
+                kwargs.update(type=args[0], nargs=len(args))
+            else:
+                kwargs["type"] = hint
+            default = field.default
+            if default not in (dataclasses.MISSING, None, ()) and hint is not bool:
+                joined = ", " if kwargs.get("multiple") else " "
+                kwargs["shown_default"] = joined.join(map(str, default)) if isinstance(default, tuple) else str(default)
+            names = [meta["short"], flag] if "short" in meta else [flag]
+            f = click.option(*names, field.name, **kwargs)(f)
+        return f
+
+    return wrap
+
+
 @cli.command(context_settings={"max_content_width": 110})
-@click.argument("base", required=False)
-@click.option("--data", help="Training data: .jsonl / .json / .csv / .parquet, or a `datasets` directory.")
-@click.option("-o", "--output", help="The .spra adapter to write.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with the same keys; flags win.")
-@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), help="[default: causal-lm]")
-@click.option("--density", type=float, help="Fraction of each targeted tensor that trains. [default: 0.01]")
-@click.option("--seed", type=click.IntRange(0), help="Support, data order and head init. [default: 0]")
-@click.option(
-    "--targets",
-    multiple=True,
-    help="Preset (vo, attn, mlp, all-linear, all) or regex; repeatable. [default: all-linear]",
-)
-@click.option("--exclude", multiple=True, help="Regex of tensors not to adapt; repeatable.")
-@click.option("--steps", type=click.IntRange(1), help="Optimizer steps (or --epochs).")
-@click.option("--epochs", type=float, help="Passes over the data. [default: 1]")
-@click.option("--lr", type=float, help="Peak learning rate. [default: 2e-4]")
-@click.option("--batch-size", type=click.IntRange(1), help="Examples per micro-batch and process. [default: 8]")
-@click.option("--grad-accum", type=click.IntRange(1), help="Micro-batches per optimizer step. [default: 1]")
-@click.option("--max-length", type=click.IntRange(2), help="Tokens per example; longer ones are cut. [default: 512]")
-@click.option("--packing/--no-packing", default=None, help="Pack causal-LM examples into full sequences.")
-@click.option("--warmup", type=float, help="Warm-up: a fraction of the steps (< 1) or a step count. [default: 0]")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[default: cosine]")
-@click.option("--weight-decay", type=float, help="[default: 0]")
-@click.option("--max-grad-norm", type=float, help="Clip the global gradient norm; 0 turns clipping off. [default: 1.0]")
-@click.option("--eval-data", help="Held-out data, same format.")
-@click.option("--eval-every", type=click.IntRange(1), help="Steps between evaluations (default: at the end).")
-@click.option(
-    "--early-stopping",
-    type=click.IntRange(1),
-    metavar="PATIENCE",
-    help="Stop after PATIENCE evaluations without improvement; keep the best.",
-)
-@click.option("--checkpoint-dir", help="Where checkpoints go (for --resume).")
-@click.option("--checkpoint-every", type=click.IntRange(1), help="Steps between checkpoints (default: at the end).")
-@click.option(
-    "--resume", is_flag=True, default=None, help="Continue from the checkpoint in --checkpoint-dir, bit-exactly."
-)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Of the frozen base. [default: bf16]")
-@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations in backward.")
-@click.option("--log-dir", help="metrics.jsonl, TensorBoard events and curves.png.")
-@click.option("--values-dtype", type=click.Choice(["bf16", "fp32"]), help="Of the stored values. [default: bf16]")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace OUTPUT if it exists.")
+@_config_options(TrainConfig)
 @click.pass_context
 def train(ctx, base, config_file, **flags):
     """Fine-tune a seeded sparse adapter of BASE on local data (causal-LM SFT or classification).
@@ -632,7 +653,6 @@ def train(ctx, base, config_file, **flags):
     {"text", "label"} with --task seq-cls (the new head trains densely and is stored whole).
     Multi-GPU: torchrun --nproc-per-node N -m spra_tools train ...  (DDP; rank 0 writes)
     """
-    from .train.config import TrainConfig
     from .train.loop import train as run
 
     config = TrainConfig.resolve(config_file, {"base": base, **flags})

@@ -31,6 +31,16 @@ def test_defaults():
     assert c.version == 1
 
 
+def test_values_dtype_offers_what_every_command_offers():
+    from spra_tools.cli import cli
+
+    for dtype in ("bf16", "fp16", "fp32"):
+        assert cfg(values_dtype=dtype).values_dtype == dtype
+    offered = {name: p.type.choices for name, c in cli.commands.items() for p in c.params if p.name == "values_dtype"}
+    assert {"train", "create", "diff", "stack"} <= set(offered)
+    assert all(list(choices) == ["bf16", "fp16", "fp32"] for choices in offered.values()), offered
+
+
 def test_coercion():
     c = cfg(targets=["vo", r"mlp\.down"], exclude="layers\\.0\\.", betas=[0.9, 0.95], warmup=10, lr="1e-4")
     assert c.targets == ("vo", r"mlp\.down") and c.exclude == ("layers\\.0\\.",)
@@ -40,7 +50,8 @@ def test_coercion():
 BAD = [
     ({"density": 0}, "--density must be in (0, 1]"),
     ({"density": 1.5}, "--density must be in (0, 1]"),
-    ({"seed": -1}, "--seed must be >= 0"),
+    ({"seed": -1}, "--seed must be an integer in [0, 2**64), got -1"),
+    ({"seed": 2**64}, "--seed must be an integer in [0, 2**64), got 18446744073709551616"),
     ({"seed": 1.5}, "--seed must be a whole number"),
     ({"steps": 10, "epochs": 1}, "give --steps or --epochs, not both"),
     ({"steps": 0}, "--steps must be >= 1"),
@@ -59,7 +70,7 @@ BAD = [
     ({"task": "qa"}, "--task must be one of causal-lm, seq-cls"),
     ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
     ({"dtype": "fp16"}, "--dtype must be one of bf16, fp32"),
-    ({"values_dtype": "fp16"}, "--values-dtype must be one of bf16, fp32"),
+    ({"values_dtype": "fp8"}, "--values-dtype must be one of bf16, fp16, fp32"),
     ({"weight_decay": -1}, "--weight-decay must be >= 0"),
     ({"max_grad_norm": -1}, "--max-grad-norm must be >= 0"),
     ({"betas": (0.9, 1.0)}, "--betas must both be in [0, 1)"),
@@ -232,6 +243,7 @@ def test_non_finite_loss_is_null(tmp_path):
 
 def test_best_eval_and_improved():
     mon = Monitor(None, 10, echo=lambda s: None, progress=False)
+    assert mon.log_eval(0, {"loss": 1.0}, baseline=True) is False and mon.best is None  # never the best
     assert mon.log_eval(1, {"loss": 2.0}) is True
     assert mon.log_eval(2, {"loss": 2.5}) is False
     assert mon.log_eval(3, {"loss": float("nan")}) is False
@@ -241,6 +253,10 @@ def test_best_eval_and_improved():
     assert acc.best == {"metric": "accuracy", "value": 0.7, "step": 3}
     mon.close()
     acc.close()
+    resumed = Monitor(None, 10, echo=lambda s: None, progress=False, resume_step=4, best=(2, {"loss": 1.5}))
+    assert resumed.log_eval(6, {"loss": 1.7}) is False and resumed.best == {"metric": "loss", "value": 1.5, "step": 2}
+    assert resumed.log_eval(8, {"loss": 1.2}) is True
+    resumed.close()
 
 
 def test_tensorboard_events(tmp_path):

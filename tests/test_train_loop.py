@@ -19,9 +19,11 @@ from spra_tools.errors import SpraError
 from spra_tools.live import load_model
 from spra_tools.surgery import apply_adapter
 from spra_tools.testing import CORPUS, build_tiny_model, build_word_tokenizer
-from spra_tools.train import SparseAdamW, SparseModel
+from spra_tools.train import SparseAdamW, SparseModel, checkpoints
 from spra_tools.train.config import TrainConfig
+from spra_tools.train.data import tokenize
 from spra_tools.train.loop import train
+from spra_tools.train.monitor import read_log
 
 WORDS = CORPUS.split()
 EXTRA = ["good", "great", "fine", "bad", "awful", "poor", "movie", "positive", "negative", "question", "answer"]
@@ -106,6 +108,50 @@ def test_an_interrupted_run_resumes_to_a_byte_identical_adapter(workdir, tmp_pat
         train(changed, progress=False)
 
 
+def test_the_base_is_evaluated_before_the_first_step(workdir, tmp_path, call_cli):
+    rc, out, err = call_cli("train", workdir / "base", "--data", workdir / "corpus.jsonl", "--eval-data",
+                            workdir / "corpus.jsonl", "--eval-every", "1", "--steps", "2", "--lr", "1e-2",
+                            "--dtype", "fp32", "--device", "cpu", "--log-dir", tmp_path / "logs",
+                            "-o", tmp_path / "a.spra")  # fmt: skip
+    assert rc == 0, err
+    evals = [x for x in read_log(tmp_path / "logs" / "metrics.jsonl") if x["split"] == "eval"]
+    assert [x["step"] for x in evals] == [0, 1, 2]
+    # The reference: transformers' own loss of the untouched base on each example, token-weighted.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
+    data = tokenize(workdir / "corpus.jsonl", tokenizer, "causal-lm", 512)
+    total = weight = 0.0
+    with torch.no_grad():
+        for ids, labels in zip(data.input_ids, data.labels):
+            n = sum(t != -100 for t in labels[1:])
+            total += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            weight += n
+    assert evals[0]["loss"] == pytest.approx(total / weight, rel=1e-5)
+    assert f"step 0: eval (baseline) loss {evals[0]['loss']:.4g}" in out
+    provenance = Adapter.load(tmp_path / "a.spra").provenance
+    assert provenance["baseline_eval"]["loss"] == evals[0]["loss"]
+    assert provenance["best_eval"]["step"] in (1, 2)  # the baseline is not a trained adapter
+
+
+def test_a_resumed_run_keeps_the_best_evaluation_of_before_the_interruption(workdir, tmp_path):
+    # A rate far too high: the evaluation at step 4 is worse than step 2's, whose adapter is kept.
+    common = dict(lr=3.0, steps=4, eval_data=str(workdir / "corpus.jsonl"), eval_every=2)
+    full = train(_config(workdir, tmp_path / "full.spra", **common), progress=False)
+    assert full["best_eval"]["step"] == 2
+
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SpraError, match="interrupted after step 2"):
+        train(_config(workdir, tmp_path / "r.spra", checkpoint_dir=str(tmp_path / "ck"), **common), progress=False,
+              on_step=interrupt)  # fmt: skip
+    resumed = train(_config(workdir, tmp_path / "r.spra", checkpoint_dir=str(tmp_path / "ck"), resume=True, **common),
+                    progress=False)  # fmt: skip
+    assert resumed["best_eval"] == full["best_eval"]
+    assert (tmp_path / "r.spra").read_bytes() == (tmp_path / "full.spra").read_bytes()
+
+
 def test_gradient_checkpointing_trains_the_same_adapter(workdir, tmp_path):
     for flag in (False, True):
         config = _config(workdir, tmp_path / f"{flag}.spra", steps=3, gradient_checkpointing=flag, dtype="fp32")
@@ -115,6 +161,24 @@ def test_gradient_checkpointing_trains_the_same_adapter(workdir, tmp_path):
     for name, delta in plain.deltas.items():  # recomputation changes nothing: the same values, bit for bit
         assert delta.values.abs().sum() > 0
         assert torch.equal(bit_view(checkpointed.deltas[name].values), bit_view(delta.values))
+
+
+def test_fp16_values_are_the_trained_deltas_rounded_to_fp16(workdir, tmp_path):
+    for dtype in ("fp32", "fp16"):
+        train(_config(workdir, tmp_path / f"{dtype}.spra", steps=3, values_dtype=dtype), progress=False)
+    exact, half = Adapter.load(tmp_path / "fp32.spra"), Adapter.load(tmp_path / "fp16.spra")
+    assert exact.exact and not half.exact
+    for name, delta in exact.deltas.items():  # fp32 values are the master deltas, bit for bit
+        assert delta.values.dtype == torch.float32 and delta.values.abs().sum() > 0
+        assert half.deltas[name].values.dtype == torch.float16
+        assert torch.equal(half.deltas[name].values.view(torch.int16), delta.values.half().view(torch.int16))
+
+
+def test_any_64_bit_seed_trains(workdir, tmp_path):
+    for seed in (20_000_000_000_000, 2**64 - 1):
+        train(_config(workdir, tmp_path / f"{seed}.spra", steps=2, seed=seed), progress=False)
+        adapter = Adapter.load(tmp_path / f"{seed}.spra")
+        assert adapter.provenance["config"]["seed"] == seed and adapter.num_values > 0
 
 
 def test_sequence_classification_learns_a_separable_task(workdir, tmp_path):
@@ -154,6 +218,30 @@ def test_prompt_completion_and_chat_records_train(workdir, tmp_path, shape):
     assert summary["steps"] == 4 and Adapter.load(tmp_path / "p.spra").num_values > 0
 
 
+def test_examples_truncation_drops_are_reported_and_recorded(workdir, tmp_path, call_cli):
+    # Short prompts keep their completion within 8 tokens; 12-word prompts leave it beyond the cut.
+    short = [{"prompt": " ".join(WORDS[i : i + 3]), "completion": " " + WORDS[i + 3]} for i in range(8)]
+    long = [{"prompt": " ".join(WORDS[i : i + 12]), "completion": " " + WORDS[i + 12]} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short + long))
+    args = ["train", workdir / "base", "--data", tmp_path / "d.jsonl", "--eval-data", tmp_path / "d.jsonl",
+            "--max-length", "8", "--steps", "1", "--device", "cpu"]  # fmt: skip
+    rc, out, err = call_cli(*args, "-o", tmp_path / "a.spra")
+    assert rc == 0, err
+    counts = "16 records -> 8 examples, {} tokens (8 truncated to --max-length 8, 8 dropped (truncation left them"
+    (line,) = [x for x in out.splitlines() if x.startswith("data: ")]
+    kept_tokens = sum(1 + 4 + 1 for _ in short)  # bos, prompt and completion words, eos
+    assert line.startswith("data: " + counts.format(kept_tokens)) and "; eval: " + counts.format(kept_tokens) in line
+    record = {"records": 16, "examples": 8, "truncated": 8, "dropped": 8}
+    provenance = Adapter.load(tmp_path / "a.spra").provenance
+    assert provenance["data"] == record and provenance["eval_data"] == record
+
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
+    rc, _, err = call_cli(*args[:3], tmp_path / "long.jsonl", *args[4:], "-o", tmp_path / "b.spra")
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "long.jsonl" in err and "all 8" in err and "--max-length" in err
+    assert not (tmp_path / "b.spra").exists()
+
+
 def test_yaml_config_with_flags_on_top_is_stored_in_the_provenance(workdir, tmp_path, call_cli):
     (tmp_path / "run.yaml").write_text(
         f"base: {workdir / 'base'}\ndata: {workdir / 'corpus.jsonl'}\nsteps: 3\nlr: 0.001\ndensity: 0.02\n"
@@ -181,6 +269,38 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(workdir, tmp_path, call_c
         assert not (tmp_path / "out.spra").exists()
 
 
+def test_every_path_and_the_resume_are_checked_before_the_base_is_opened(workdir, tmp_path, call_cli, monkeypatch):
+    import spra_tools.checkpoint
+
+    def opened(*_):
+        raise AssertionError("the base was opened")
+
+    monkeypatch.setattr(spra_tools.checkpoint, "open_checkpoint", opened)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "d.txt").write_text("")
+    common = ["--steps", "2", "--device", "cpu", "--lr", "1e-3"]
+    settings = TrainConfig.resolve(None, {"base": str(workdir / "base"), "data": str(workdir / "corpus.jsonl"),
+                                          "output": "x", "steps": 2, "device": "cpu", "lr": 1e-2}).run_settings()  # fmt: skip
+    (tmp_path / "ck" / "last").mkdir(parents=True)
+    (tmp_path / "ck" / "last" / "state.json").write_text(json.dumps({"config": settings}))
+    cases = [  # (flags replacing or added to the good ones, what the one error line says)
+        ({"--data": tmp_path / "missing.jsonl"}, "missing.jsonl: no such file"),
+        ({"--data": tmp_path / "d.txt"}, "unknown data format '.txt'"),
+        ({"--eval-data": tmp_path / "dev.jsonl"}, "dev.jsonl: no such file"),
+        ({"--config": tmp_path / "run.yml"}, "cannot read the config"),
+        ({"-o": tmp_path / "no" / "out.spra"}, "output directory does not exist"),
+        ({"--checkpoint-dir": tmp_path / "a-file" / "ck"}, "cannot be the checkpoint directory"),
+        ({"--log-dir": tmp_path / "a-file" / "logs"}, "cannot be the log directory"),
+        ({"--checkpoint-dir": tmp_path / "ck", "--resume": None}, "different settings (lr)"),
+    ]
+    for given, needle in cases:
+        flags = {"--data": workdir / "corpus.jsonl", "-o": tmp_path / "out.spra", **given}
+        argv = [a for flag, value in flags.items() for a in ((flag,) if value is None else (flag, value))]
+        rc, _, err = call_cli("train", workdir / "base", *argv, *common)
+        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, (given, err)
+        assert not (tmp_path / "out.spra").exists()
+
+
 def test_a_damaged_checkpoint_fails_in_one_line_and_writes_nothing(workdir, tmp_path, call_cli):
     args = ["train", workdir / "base", "--data", workdir / "corpus.jsonl", "--steps", "2", "--device", "cpu",
             "--checkpoint-dir", tmp_path / "ck"]  # fmt: skip
@@ -201,6 +321,53 @@ def test_a_damaged_checkpoint_fails_in_one_line_and_writes_nothing(workdir, tmp_
         assert not (tmp_path / "again.spra").exists()
         (last / "state.json").write_text(json.dumps(state))
         (last / "state.safetensors").write_bytes(tensors)
+
+
+def test_a_second_run_in_a_checkpoint_dir_is_refused_in_one_line(workdir, tmp_path, call_cli):
+    import fcntl
+
+    (tmp_path / "ck").mkdir()
+    with open(tmp_path / "ck" / checkpoints.LOCK, "w") as f:  # another run holds the directory
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("4242 on elsewhere\n")
+        f.flush()
+        rc, _, err = call_cli("train", workdir / "base", "--data", workdir / "corpus.jsonl", "--steps", "1",
+                              "--device", "cpu", "--checkpoint-dir", tmp_path / "ck", "-o", tmp_path / "a.spra")  # fmt: skip
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "another train run (pid 4242 on elsewhere) is using this checkpoint directory" in err
+    assert not (tmp_path / "a.spra").exists() and not (tmp_path / "ck" / "last").exists()
+
+
+def test_last_is_a_complete_checkpoint_at_every_moment(workdir, tmp_path, monkeypatch):
+    import os
+
+    state = tmp_path / "ck" / "last" / "state.json"
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            before = state.is_file()
+            result = fn(*args, **kwargs)
+            assert state.is_file() or not before, f"{fn.__name__}{args} left no complete checkpoint at last"
+            return result
+
+        return call
+
+    for name in ("rename", "replace", "symlink", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, watched(getattr(os, name)))
+    config = _config(workdir, tmp_path / "a.spra", steps=3, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=1)
+    train(config, progress=False)  # four checkpoints: after each step, and at the end
+    monkeypatch.undo()
+    assert json.loads(state.read_text())["bookkeeping"]["step"] == 3
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")] == [state.parent.resolve().name]
+
+    # A checkpoint dir whose last is a plain directory (as earlier versions wrote it) resumes and moves on.
+    target = state.parent.resolve()
+    (tmp_path / "ck" / "last").unlink()
+    target.rename(tmp_path / "ck" / "last")
+    train(_config(workdir, tmp_path / "b.spra", steps=3, checkpoint_dir=str(tmp_path / "ck"), resume=True,
+                  checkpoint_every=1), progress=False)  # fmt: skip
+    assert (tmp_path / "ck" / "last").is_symlink() and json.loads(state.read_text())["bookkeeping"]["step"] == 3
+    assert len([p for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")]) == 1
 
 
 def test_early_stopping_keeps_the_best_adapter(workdir, tmp_path):

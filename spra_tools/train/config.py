@@ -3,7 +3,8 @@
 A run is fully described by one frozen `TrainConfig`, built by `TrainConfig.resolve` from an optional
 YAML file (keys are field names, or the CLI spelling with dashes) with the flags the user gave on
 top. Field names match the CLI flags (`grad_accum` is `--grad-accum`; `base` is the BASE argument),
-so every validation error names the flag to fix. The config is saved with checkpoints and adapters
+so every validation error names the flag to fix; each field declares its help text, and the CLI's
+options are generated from the fields. The config is saved with checkpoints and adapters
 (`to_dict`), which is why it carries a version.
 """
 
@@ -12,54 +13,80 @@ from __future__ import annotations
 import math
 import re
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
 from ..errors import SpraError
+from ..format import SHORT_DTYPES
 from ..fsutil import read_yaml
+from ..support import check_seed
 from ..targets import PRESETS
 
 VERSION = 1
-_REQUIRED = ("base", "data", "output")
+# Settings that may differ between a run and its resumption (they change nothing it computes).
+_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite")
+
+
+Task = Literal["causal-lm", "seq-cls"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+ValuesDtype = Literal[tuple(SHORT_DTYPES)]  # what every command's --values-dtype offers
+DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
+
+
+def _setting(default=MISSING, help: str | None = None, **cli):
+    """A field (required when it has no default) with its help text and how the CLI spells it
+    (`short`, `metavar`, `argument`): the options of `spra-tools train` are generated from these, so
+    each default and help text exists once."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of one fine-tuning run; see `spra-tools train --help` for each flag."""
+    """Settings of one fine-tuning run; each field's help is the text of its `spra-tools train` flag."""
 
-    base: str  # Hub id or local checkpoint of the model to adapt
-    data: str  # training data file
-    output: str  # the .spra adapter to write
-    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
-    density: float = 0.01  # fraction of each targeted tensor that trains, in (0, 1]
-    seed: int = 0  # picks the support (with density) and seeds data order and init
-    targets: tuple[str, ...] = ("all-linear",)  # presets (spra_tools.targets) or regexes over tensor names
-    exclude: tuple[str, ...] = ()  # regexes; a tensor matching any is not adapted
-    steps: int | None = None  # optimizer steps; exactly one of steps / epochs (epochs=1 when neither)
-    epochs: float | None = None  # passes over the data, fractions allowed
-    lr: float = 2e-4  # peak; sparse deltas train well at larger rates than full fine-tuning
-    batch_size: int = 8  # examples per micro-batch (per device)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_length: int = 512  # tokens per example (or per packed sequence); longer ones are truncated
-    packing: bool = False  # concatenate causal-LM examples into full max_length sequences
-    warmup: float = 0.0  # fraction of the steps if < 1, else a whole number of steps
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up (see schedule_factor)
-    weight_decay: float = 0.0  # AdamW decoupled decay; it pulls the deltas (not the base) towards 0
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm; 0 or None disables clipping
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    eval_data: str | None = None
-    eval_every: int | None = None  # optimizer steps between evaluations; None: once, at the end
-    early_stopping: int | None = None  # stop after this many evaluations without improvement
-    checkpoint_dir: str | None = None
-    checkpoint_every: int | None = None  # optimizer steps between checkpoints; None: at the end only
-    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bf16", "fp32"] = "bf16"  # of the frozen base weights and activations
-    gradient_checkpointing: bool = False
-    log_dir: str | None = None  # metrics.jsonl, TensorBoard events and curves.png go here
-    values_dtype: Literal["bf16", "fp32"] = "bf16"  # of the delta values stored in the adapter
-    overwrite: bool = False  # replace an existing output
+    base: str = _setting(help="Hub id or local checkpoint of the model to adapt.", argument=True)
+    data: str = _setting(
+        help="Training data: .jsonl / .json / .csv / .parquet, or a `datasets` directory.", metavar="PATH"
+    )
+    output: str = _setting(help="The .spra adapter to write.", short="-o", metavar="FILE")
+    task: Task = _setting("causal-lm", "Causal-LM fine-tuning, or sequence classification (a new head).")
+    density: float = _setting(0.01, "Fraction of each targeted tensor that trains, in (0, 1].")
+    seed: int = _setting(0, "Picks the support (with --density) and seeds data order and head init.")
+    targets: tuple[str, ...] = _setting(
+        ("all-linear",), f"Preset ({', '.join(PRESETS)}) or regex over tensor names; repeatable.",
+        metavar="PRESET|REGEX",
+    )  # fmt: skip
+    exclude: tuple[str, ...] = _setting((), "Regex of tensors not to adapt; repeatable.", metavar="REGEX")
+    steps: int | None = _setting(None, "Optimizer steps (or --epochs, not both).")
+    epochs: float | None = _setting(
+        None, f"Passes over the data, fractions allowed ({DEFAULT_EPOCHS:g} when --steps is not given)."
+    )
+    # Sparse deltas train well at larger rates than full fine-tuning.
+    lr: float = _setting(2e-4, "Peak learning rate.")
+    batch_size: int = _setting(8, "Examples per micro-batch and process.")
+    grad_accum: int = _setting(1, "Micro-batches per optimizer step.")
+    max_length: int = _setting(512, "Tokens per example (or packed sequence); longer ones are cut.")
+    packing: bool = _setting(False, "Concatenate causal-LM examples into full --max-length sequences.")
+    warmup: float = _setting(0.0, "Warm-up: a fraction of the steps (< 1) or a whole number of steps.")
+    schedule: Literal["cosine", "linear", "constant"] = _setting("cosine", "Learning-rate decay after warm-up.")
+    weight_decay: float = _setting(0.0, "AdamW decoupled decay; it pulls the deltas (not the base) towards 0.")
+    max_grad_norm: float | None = _setting(1.0, "Clip the global gradient norm; 0 turns clipping off.")
+    betas: tuple[float, float] = _setting((0.9, 0.999), "AdamW's moment decay rates.", metavar="B1 B2")
+    eps: float = _setting(1e-8, "AdamW's epsilon.")
+    eval_data: str | None = _setting(None, "Held-out data, same format.", metavar="PATH")
+    eval_every: int | None = _setting(None, "Steps between evaluations (default: once, at the end).")
+    early_stopping: int | None = _setting(
+        None, "Stop after PATIENCE evaluations without improvement; keep the best.", metavar="PATIENCE"
+    )
+    checkpoint_dir: str | None = _setting(None, "Where checkpoints go (for --resume).", metavar="DIR")
+    checkpoint_every: int | None = _setting(None, "Steps between checkpoints (default: at the end).")
+    resume: bool = _setting(False, "Continue from the checkpoint in --checkpoint-dir, bit-exactly.")
+    device: Literal["auto", "cpu", "cuda"] = _setting("auto", "Where to train (auto: CUDA when visible).")
+    dtype: Literal["bf16", "fp32"] = _setting("bf16", "Of the frozen base weights and activations.")
+    gradient_checkpointing: bool = _setting(False, "Recompute activations in backward (less memory).")
+    log_dir: str | None = _setting(None, "metrics.jsonl, TensorBoard events and curves.png go here.", metavar="DIR")
+    values_dtype: ValuesDtype = _setting("bf16", "Of the delta values stored in the adapter.")
+    overwrite: bool = _setting(False, "Replace OUTPUT if it exists.")
     version: int = VERSION
 
     def __post_init__(self):
@@ -68,10 +95,9 @@ class TrainConfig:
         if self.version != VERSION:
             raise SpraError(f"train config version {self.version} is not supported (this spra-tools reads {VERSION})")
         if self.steps is None and self.epochs is None:
-            object.__setattr__(self, "epochs", 1.0)
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS)
         checks = [
             (0.0 < self.density <= 1.0, "--density must be in (0, 1]"),
-            (self.seed >= 0, "--seed must be >= 0"),
             (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
             (self.steps is None or self.steps >= 1, "--steps must be >= 1"),
             (self.epochs is None or self.epochs > 0, "--epochs must be > 0"),
@@ -103,6 +129,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise SpraError(message)
+        try:
+            check_seed(self.seed)  # the supports' seed: 64 bits, unsigned
+        except ValueError as e:
+            raise SpraError(f"--{e}") from None
         for target in self.targets:
             if target not in PRESETS:
                 _check_regex("--targets", target, f" is neither a preset ({', '.join(PRESETS)}) nor a valid regex")
@@ -116,6 +146,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+    def run_settings(self) -> dict:
+        """`to_dict` less where outputs go and how the run is resumed: the settings that decide what
+        it computes, which a checkpoint must match and an adapter records."""
+        return {k: v for k, v in self.to_dict().items() if k not in _RESUMABLE}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -277,3 +312,4 @@ def _load_yaml(path: str) -> dict:
 
 _HINTS = typing.get_type_hints(TrainConfig)
 _NAMES = frozenset(_HINTS)
+_REQUIRED = tuple(f.name for f in fields(TrainConfig) if f.default is MISSING)

@@ -4,43 +4,37 @@
 
 Causal-LM SFT or sequence classification on a Hugging Face base: the base's own tokenizer, a
 SparseModel (seeded support; a classification head trains densely), SparseAdamW with warm-up and a
-cosine / linear / constant schedule, gradient accumulation, evaluation and early stopping (the best
-adapter is kept), and checkpoints that make `--resume` bit-exact: master deltas, moments, the
-data position and the evaluation bookkeeping, in safetensors + JSON (no pickle); the RNG is seeded
-per step, so a resumed step draws what the uninterrupted one did.
+cosine / linear / constant schedule, gradient accumulation, evaluation (the base's first, at step
+0) and early stopping (the best adapter is kept), and checkpoints that make `--resume` bit-exact
+(`checkpoints`); the RNG is seeded per step, so a resumed step draws what the uninterrupted one did.
+`_preflight` checks every path before anything loads, `_setup` builds what the steps use (`_Run`),
+`_step` does one optimizer step and advances the `RunState`, which is what a checkpoint stores.
 Under torchrun every rank trains on its slice of each global batch; DDP all-reduces the delta
 gradients; rank 0 writes. Ctrl-C finishes the current step, writes a checkpoint and stops.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
 
+from ..dtypes import TORCH_DTYPES
 from ..errors import SpraError
-from ..fsutil import atomic_path, check_output
+from ..format import SHORT_DTYPES
+from ..fsutil import check_output
+from . import checkpoints
+from .checkpoints import RunState
 from .config import TrainConfig, lr_at
-from .data import Batches, eval_batches, tokenize
+from .data import Batches, TokenizedData, check_source, eval_batches, tokenize
 from .monitor import Monitor, classification_metrics
 from .sparse_model import SparseAdamW, SparseModel
-
-# Settings that may differ between a run and its resumption (they change nothing it computes).
-_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite")
-
-
-def _settings(config: TrainConfig) -> dict:
-    """The config less `_RESUMABLE`: what a checkpoint must match and an adapter records."""
-    return {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
-
-
-STATE, TENSORS = "state.json", "state.safetensors"
 
 
 @dataclass
@@ -59,7 +53,11 @@ def train(config: TrainConfig, echo=click.echo, progress: bool = True, on_step=N
     optimizer step (a KeyboardInterrupt raised there acts as Ctrl-C)."""
     dist = _init_distributed(config)
     try:
-        return _train(config, dist, echo if dist.main else (lambda *_: None), progress, on_step)
+        _preflight(config, dist)
+        # One run at a time in a checkpoint dir: two would overwrite each other's checkpoints.
+        held = checkpoints.held(config.checkpoint_dir) if dist.main and config.checkpoint_dir else nullcontext()
+        with held:
+            return _train(config, dist, echo if dist.main else (lambda *_: None), progress, on_step)
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -130,36 +128,60 @@ def _head_patterns(model) -> list[str]:
     return [f"^{re.escape(n)}$" for n in names]
 
 
-def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> dict:
+@dataclass
+class _Run:
+    """What every step of a run uses, built once by `_setup`."""
+
+    config: TrainConfig
+    dist: _Dist
+    device: torch.device
+    pad_id: int
+    train_data: TokenizedData
+    eval_data: TokenizedData | None
+    sm: SparseModel
+    optimizer: SparseAdamW
+    batches: Batches
+    forward: torch.nn.Module  # sm, or its DDP wrapper
+    total: int  # optimizer steps of the run
+
+
+def _preflight(config: TrainConfig, dist: _Dist) -> None:
+    """Every path of the run and the checkpoint to resume, checked before anything heavy loads (a
+    base may be gigabytes from the Hub): a typo or a mismatch fails in a second, naming the file."""
+    check_source(config.data)
+    if config.eval_data is not None:
+        check_source(config.eval_data)
+    if config.resume:
+        checkpoints.check_resumable(config.checkpoint_dir, config.run_settings())
     if dist.main:
         check_output(config.output, config.overwrite)
+        for what, path in (("checkpoint directory", config.checkpoint_dir), ("log directory", config.log_dir)):
+            if path is not None:
+                _check_directory(path, what)
+
+
+def _check_directory(path: str, what: str) -> None:
+    """`path` is a writable directory, or one that can be made (checked without making it)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpraError(f"cannot be the {what}: {existing} is not a directory", path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpraError(f"the {what} is not writable ({existing})", path)
+
+
+def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
+    """Tokenizer, data, model, SparseModel, optimizer and batches of `config`."""
     device = _device(config, dist)
     from ..checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(config.base)  # a local directory, or the Hub through its cache
     base_dir = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     tokenizer = _load_tokenizer(base_dir)
-    # Data before the model: a malformed file fails in seconds.
-    train_data = tokenize(config.data, tokenizer, config.task, config.max_length, config.packing)
-    label2id = {v: k for k, v in train_data.id2label.items()} if train_data.id2label else None
-    eval_data = None
-    if config.eval_data:
-        eval_data = tokenize(config.eval_data, tokenizer, config.task, config.max_length, False, label2id)
+    train_data, eval_data = _load_data(config, tokenizer, echo)  # before the model: a bad file fails in seconds
     model = _load_model(config, base_dir, device, train_data.id2label, tokenizer.pad_token_id)
-    echo(
-        f"data: {train_data.records:,} records -> {len(train_data.input_ids):,} examples, {train_data.tokens:,} tokens"
-        + (f" ({train_data.truncated:,} truncated to {config.max_length})" if train_data.truncated else "")
-        + (f"; eval: {len(eval_data.input_ids):,} examples" if eval_data else "")
-    )
-
-    dense = _head_patterns(model) if config.task == "seq-cls" else ()
-    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense)
-    if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    sm = _sparse_model(config, model)
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
                       rank=dist.rank, world_size=dist.world)  # fmt: skip
@@ -172,118 +194,203 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
     n_values = sum(p.numel() for p in sm.parameters())
     echo(f"model: {len(list(sm.sites()))} tensors adapted, {n_values:,} trainable values; {total} steps on {device}"
          + (f" x {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
+    return _Run(config, dist, device, tokenizer.pad_token_id, train_data, eval_data, sm, optimizer, batches,
+                forward, total)  # fmt: skip
 
-    bookkeeping = {"step": 0, "best": None, "best_step": None, "stale": 0, "tokens": 0}
-    best_values: dict[str, torch.Tensor] | None = None
+
+def _load_data(config: TrainConfig, tokenizer, echo) -> tuple[TokenizedData, TokenizedData | None]:
+    """The training and evaluation examples (eval labels numbered as the training ones), reported."""
+    train_data = tokenize(config.data, tokenizer, config.task, config.max_length, config.packing)
+    label2id = {v: k for k, v in train_data.id2label.items()} if train_data.id2label else None
+    eval_data = None
+    if config.eval_data:
+        eval_data = tokenize(config.eval_data, tokenizer, config.task, config.max_length, False, label2id)
+    line = f"data: {_counts(train_data, config.max_length)}"
+    if eval_data is not None:
+        line += f"; eval: {_counts(eval_data, config.max_length)}"
+    echo(line)
+    return train_data, eval_data
+
+
+def _counts(data: TokenizedData, max_length: int) -> str:
+    """Records in, examples out, and what truncation did on the way: examples are never lost unsaid."""
+    text = f"{data.records:,} records -> {len(data.input_ids):,} examples, {data.tokens:,} tokens"
+    cut = [f"{data.truncated:,} truncated to --max-length {max_length}"] if data.truncated else []
+    if data.dropped:
+        cut.append(f"{data.dropped:,} dropped (truncation left them no token to learn)")
+    return text + (f" ({', '.join(cut)})" if cut else "")
+
+
+def _data_record(data: TokenizedData) -> dict:
+    """What an adapter's provenance says of its training (or evaluation) data."""
+    return {"records": data.records, "examples": len(data.input_ids), "truncated": data.truncated,
+            "dropped": data.dropped}  # fmt: skip
+
+
+def _sparse_model(config: TrainConfig, model) -> SparseModel:
+    """`model` made trainable at its seeded support (a new classification head densely), in train mode."""
+    dense = _head_patterns(model) if config.task == "seq-cls" else ()
+    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense)
+    if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return sm
+
+
+def _start(run: _Run, echo) -> RunState:
+    """A fresh RunState, or the one of the checkpoint resumed (its deltas, moments and data position
+    loaded into the run)."""
+    config = run.config
     if config.resume:
-        restored = _load_checkpoint(config, sm, optimizer, batches, device)
-        if restored is None:
-            echo(f"resume: no checkpoint in {config.checkpoint_dir}; starting from step 0")
-        else:
-            bookkeeping, best_values = restored
-            echo(f"resume: continuing from step {bookkeeping['step']}")
-    start = bookkeeping["step"]
+        restored = checkpoints.load(config.checkpoint_dir, config.run_settings(), run.sm, run.optimizer,
+                                    run.batches, run.device)  # fmt: skip
+        if restored is not None:
+            echo(f"resume: continuing from step {restored.step}")
+            return restored
+        echo(f"resume: no checkpoint in {config.checkpoint_dir}; starting from step 0")
+    return RunState(position=run.batches.state_dict())
 
-    def evaluate(step: int) -> dict:
-        metrics = _evaluate(sm, eval_data, config, tokenizer.pad_token_id, device)
-        improved = monitor.log_eval(step, metrics)
-        if improved:
-            bookkeeping.update(best=metrics, best_step=step, stale=0)
-            nonlocal best_values
-            best_values = {n: d.detach().clone() for n, d, *_ in sm.sites()}
-        else:
-            bookkeeping["stale"] += 1
-        return metrics
 
+def _step(run: _Run, state: RunState, monitor: Monitor) -> None:
+    """One optimizer step (grad_accum micro-batches); advances `state` and logs the step."""
+    config, dist = run.config, run.dist
+    step = state.step
+    torch.manual_seed(_step_seed(config.seed, step))  # dropout etc.: the same at each step on resume
+    loss_sum, tokens = torch.zeros((), device=run.device), 0
+    for micro in range(config.grad_accum):
+        batch = {k: v.to(run.device) for k, v in next(run.batches).items()}
+        sync = micro == config.grad_accum - 1 or dist.world == 1
+        with _no_sync(run.forward, not sync):
+            loss = run.forward(**batch).loss / config.grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+        tokens += int(batch["attention_mask"].sum())
+    lr = lr_at(step, run.total, config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # The data position of the last completed step: what a checkpoint saves (a Ctrl-C mid-step
+    # resumes at this step's start).
+    state.step, state.position = step + 1, run.batches.state_dict()
+    if dist.world > 1:
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= dist.world
+        tokens_t = torch.tensor(tokens, device=run.device)
+        torch.distributed.all_reduce(tokens_t)
+        tokens = int(tokens_t)
+    state.tokens += tokens
+    norm = run.optimizer.last_grad_norm
+    monitor.log_train(state.step, float(loss_sum), lr, tokens, None if norm is None else float(norm))
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """torch's seed for optimizer step `step`: in torch's range [0, 2**64) for any 64-bit support seed
+    (the product wraps modulo 2**64; 1_000_003 is odd, so at one step distinct seeds stay distinct)."""
+    return (seed * 1_000_003 + step) % 2**64
+
+
+def _evaluate_and_record(run: _Run, state: RunState, monitor: Monitor) -> None:
+    metrics = _evaluate(run)
+    improved = monitor.log_eval(state.step, metrics)
+    state.record_eval(state.step, metrics, improved, ((n, d) for n, d, *_ in run.sm.sites()))
+
+
+def _evaluate_if_due(run: _Run, state: RunState, monitor: Monitor, echo) -> bool:
+    """Evaluate every --eval-every steps (the last step is evaluated after the loop); True when early
+    stopping ends the run here."""
+    config = run.config
+    if run.eval_data is None or not _due(config.eval_every, state.step) or state.step >= run.total:
+        return False
+    _evaluate_and_record(run, state, monitor)
+    if config.early_stopping and state.stale >= config.early_stopping:
+        echo(f"early stopping at step {state.step}: {config.early_stopping} evaluations without improvement")
+        return True
+    return False
+
+
+def _due(every: int | None, step: int) -> bool:
+    return every is not None and step % every == 0
+
+
+def _checkpoint(run: _Run, state: RunState) -> None:
+    if run.dist.main:
+        checkpoints.save(run.config.checkpoint_dir, run.config.run_settings(), state, run.sm, run.optimizer)
+
+
+def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> dict:
+    run = _setup(config, dist, echo)
+    state = _start(run, echo)
     stopped_early = interrupted = False
     t0 = time.perf_counter()
-    with Monitor(config.log_dir, total, rank0=dist.main, echo=echo, progress=progress,
-                 resume_step=start if config.resume else None) as monitor:  # fmt: skip
-        step = start
-        position = batches.state_dict()  # the data position of the last completed step: what a checkpoint saves
+    with Monitor(config.log_dir, run.total, rank0=dist.main, echo=echo, progress=progress,
+                 resume_step=state.step if config.resume else None,
+                 best=None if state.best is None else (state.best_step, state.best)) as monitor:  # fmt: skip
+        if run.eval_data is not None and state.step == 0:  # what training is measured against
+            state.baseline = _evaluate(run)
+            monitor.log_eval(0, state.baseline, baseline=True)
         try:
-            while step < total:
-                torch.manual_seed(config.seed * 1_000_003 + step)  # dropout etc.: the same at each step on resume
-                loss_sum, tokens = torch.zeros((), device=device), 0
-                for micro in range(config.grad_accum):
-                    batch = {k: v.to(device) for k, v in next(batches).items()}
-                    sync = micro == config.grad_accum - 1 or dist.world == 1
-                    with _no_sync(forward, not sync):
-                        loss = forward(**batch).loss / config.grad_accum
-                        loss.backward()
-                    loss_sum += loss.detach()
-                    tokens += int(batch["attention_mask"].sum())
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, config)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bookkeeping["step"] = step
-                position = batches.state_dict()
-                if dist.world > 1:
-                    torch.distributed.all_reduce(loss_sum)
-                    loss_sum /= dist.world
-                    tokens_t = torch.tensor(tokens, device=device)
-                    torch.distributed.all_reduce(tokens_t)
-                    tokens = int(tokens_t)
-                bookkeeping["tokens"] += tokens
-                norm = optimizer.last_grad_norm
-                monitor.log_train(step, float(loss_sum), lr_at(step - 1, total, config), tokens,
-                                  None if norm is None else float(norm))  # fmt: skip
-                if eval_data is not None and config.eval_every and step % config.eval_every == 0 and step < total:
-                    evaluate(step)
-                    if config.early_stopping and bookkeeping["stale"] >= config.early_stopping:
-                        stopped_early = True
-                        echo(f"early stopping at step {step}: {config.early_stopping} evaluations without improvement")
-                        break
-                if config.checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
-                    _save_checkpoint(config, sm, optimizer, position, bookkeeping, best_values, dist)
+            while state.step < run.total:
+                _step(run, state, monitor)
+                if _evaluate_if_due(run, state, monitor, echo):
+                    stopped_early = True
+                    break
+                if config.checkpoint_dir and _due(config.checkpoint_every, state.step):
+                    _checkpoint(run, state)
                 if on_step is not None:
-                    on_step(step)
+                    on_step(state.step)
         except KeyboardInterrupt:
             interrupted = True
         if interrupted:
             if config.checkpoint_dir:
-                _save_checkpoint(config, sm, optimizer, position, bookkeeping, best_values, dist)
-                raise SpraError(f"interrupted after step {step}; checkpoint written: continue with --resume",
+                _checkpoint(run, state)
+                raise SpraError(f"interrupted after step {state.step}; checkpoint written: continue with --resume",
                                 config.checkpoint_dir) from None  # fmt: skip
-            raise SpraError(f"interrupted after step {step} (no --checkpoint-dir, nothing saved)") from None
-        if eval_data is not None and not stopped_early and (bookkeeping["best_step"] != step):
-            evaluate(step)
+            raise SpraError(f"interrupted after step {state.step} (no --checkpoint-dir, nothing saved)") from None
+        if run.eval_data is not None and not stopped_early and state.best_step != state.step:
+            _evaluate_and_record(run, state, monitor)
         if config.checkpoint_dir:
-            _save_checkpoint(config, sm, optimizer, position, bookkeeping, best_values, dist)
+            _checkpoint(run, state)
         elapsed = time.perf_counter() - t0
 
-    if best_values is not None:  # the best evaluated adapter, not merely the last
-        with torch.no_grad():
-            for name, delta, *_ in sm.sites():
-                delta.copy_(best_values[name])
-        sm.sync()
-    values_dtype = torch.float32 if config.values_dtype == "fp32" else torch.bfloat16
-    task = {"type": config.task}
-    if train_data.id2label:
-        task["id2label"] = {str(k): v for k, v in train_data.id2label.items()}
-    provenance = {
-        "config": _settings(config),
-        "steps": step,
-        "tokens": bookkeeping["tokens"],
-        "best_eval": None if bookkeeping["best"] is None else {"step": bookkeeping["best_step"], **bookkeeping["best"]},
-        "data": {
-            "records": train_data.records,
-            "examples": len(train_data.input_ids),
-            "truncated": train_data.truncated,
-        },
-        "tool": "spra-tools train",
-    }
-    if dist.main:
-        sm.save(config.output, values_dtype, overwrite=config.overwrite, provenance=provenance, task=task)
-    if dist.world > 1:
-        torch.distributed.barrier()
+    _save_adapter(run, state)
     text, summary = monitor.summary(config.output if dist.main else None)
     summary["elapsed_s"] = elapsed
     for line in text.splitlines():
         echo(line)
     return summary
+
+
+def _save_adapter(run: _Run, state: RunState) -> None:
+    """The best evaluated adapter (else the last) to config.output, with what made it as provenance."""
+    config, sm, data = run.config, run.sm, run.train_data
+    if state.best_values is not None:
+        with torch.no_grad():
+            for name, delta, *_ in sm.sites():
+                delta.copy_(state.best_values[name])
+        sm.sync()
+    values_dtype = TORCH_DTYPES[SHORT_DTYPES[config.values_dtype]]
+    task = {"type": config.task}
+    if data.id2label:
+        task["id2label"] = {str(k): v for k, v in data.id2label.items()}
+    provenance = {
+        "config": config.run_settings(),
+        "steps": state.step,
+        "tokens": state.tokens,
+        "baseline_eval": state.baseline,
+        "best_eval": None if state.best is None else {"step": state.best_step, **state.best},
+        "data": _data_record(data),
+        "tool": "spra-tools train",
+    }
+    if run.eval_data is not None:
+        provenance["eval_data"] = _data_record(run.eval_data)
+    if run.dist.main:
+        sm.save(config.output, values_dtype, overwrite=config.overwrite, provenance=provenance, task=task)
+    if run.dist.world > 1:
+        torch.distributed.barrier()
 
 
 class _no_sync:
@@ -300,14 +407,14 @@ class _no_sync:
 
 
 @torch.no_grad()
-def _evaluate(sm: SparseModel, data, config: TrainConfig, pad_id: int, device) -> dict:
-    """Token-weighted mean loss (causal-lm), or mean loss, accuracy and macro F1 (seq-cls)."""
-    model = sm.model
+def _evaluate(run: _Run) -> dict:
+    """Token-weighted mean loss (causal-lm), or mean loss, accuracy and macro F1 (seq-cls), of the eval data."""
+    config, data, model = run.config, run.eval_data, run.sm.model
     was_training = model.training
     model.eval()
     loss_sum, weight, predictions, labels = 0.0, 0, [], []
-    for batch in eval_batches(data, config.batch_size, pad_id, config.task):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for batch in eval_batches(data, config.batch_size, run.pad_id, config.task):
+        batch = {k: v.to(run.device) for k, v in batch.items()}
         out = model(**batch)
         if config.task == "seq-cls":
             n = batch["labels"].numel()
@@ -322,84 +429,3 @@ def _evaluate(sm: SparseModel, data, config: TrainConfig, pad_id: int, device) -
     if config.task == "seq-cls":
         metrics.update(classification_metrics(predictions, labels, len(data.id2label)))
     return metrics
-
-
-# --- checkpoints: safetensors for tensors, JSON for the rest -----------------------------------
-
-
-def _save_checkpoint(config, sm, optimizer, position: dict, bookkeeping, best_values, dist: _Dist) -> None:
-    if not dist.main:
-        return
-    from safetensors.torch import save_file
-
-    tensors, steps = {}, {}
-    for name, delta, *_ in sm.sites():
-        state = optimizer.state.get(delta, {})
-        steps[name] = state.get("step", 0)
-        tensors[f"delta/{name}"] = delta.detach().cpu().contiguous()
-        if state:
-            tensors[f"exp_avg/{name}"] = state["exp_avg"].cpu().contiguous()
-            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
-        if best_values is not None:
-            tensors[f"best/{name}"] = best_values[name].cpu().contiguous()
-    state = {
-        "config": _settings(config),
-        "bookkeeping": bookkeeping,
-        "optimizer_steps": steps,
-        "batches": position,
-    }
-    target = Path(config.checkpoint_dir) / "last"
-    Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    with atomic_path(target, overwrite=True, directory=True) as tmp:
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
-
-
-def _load_checkpoint(config, sm, optimizer, batches, device):
-    """Restore a run from checkpoint_dir/last; None when there is none."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    where = Path(config.checkpoint_dir) / "last"
-    if not (where / STATE).is_file():
-        return None
-    try:
-        state = json.loads((where / STATE).read_text())
-        tensors = load_file(str(where / TENSORS))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise SpraError(f"cannot read the checkpoint ({e.__class__.__name__}: {str(e)[:100]})", where) from None
-    if not isinstance(state, dict):
-        raise SpraError(f"the checkpoint's {STATE} is not an object", where)
-    saved = state.get("config", {})
-    current = _settings(config)
-    changed = sorted(k for k in current if saved.get(k) != current[k])
-    if changed:
-        raise SpraError(f"the checkpoint was made with different settings ({', '.join(changed)}); "
-                        "resume with the same ones", where)  # fmt: skip
-    try:
-        return _restore(state, tensors, sm, optimizer, batches, device)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # damaged: the run stops here
-        raise SpraError(f"the checkpoint is incomplete or damaged ({e.__class__.__name__}: {str(e)[:100]})",
-                        where) from None  # fmt: skip
-
-
-def _restore(state: dict, tensors: dict, sm, optimizer, batches, device) -> tuple[dict, dict | None]:
-    """Load a checkpoint's deltas, moments and data position; return its bookkeeping and the best
-    deltas, if kept."""
-    best = None
-    with torch.no_grad():
-        for name, delta, *_ in sm.sites():
-            delta.copy_(tensors[f"delta/{name}"])
-            step = state["optimizer_steps"].get(name, 0)
-            if step:
-                optimizer.state[delta] = {
-                    "step": step,
-                    "exp_avg": tensors[f"exp_avg/{name}"].to(device),
-                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(device),
-                }
-            if f"best/{name}" in tensors:
-                best = best or {}
-                best[name] = tensors[f"best/{name}"].to(device)
-    sm.sync()
-    batches.load_state_dict(state["batches"])
-    return dict(state["bookkeeping"]), best

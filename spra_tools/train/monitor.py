@@ -41,15 +41,20 @@ class Monitor:
     `resume_step`: None for a fresh run (an earlier run's metrics.jsonl in `log_dir` is replaced and
     its TensorBoard events are hidden); else the step of the checkpoint resumed from: log lines after
     it are dropped and the log continues, so a resumed run's log has no duplicate steps.
+    `best`: (step, metrics) of the best evaluation before the resume, which later ones must beat.
     """
 
     def __init__(self, log_dir: str | os.PathLike | None, total_steps: int, rank0: bool = True,
                  echo: Callable[[str], None] = click.echo, progress: bool = True,
-                 resume_step: int | None = None):  # fmt: skip
+                 resume_step: int | None = None, best: tuple[int, dict] | None = None):  # fmt: skip
         self.start_step = resume_step or 0
         self.step = self.start_step
         self.tokens = 0  # logged since this Monitor started (so after the resume, if any)
         self.best: dict | None = None  # {"metric", "value", "step"}
+        if best is not None:
+            step, metrics = best
+            name, value = _score(metrics)
+            self.best = {"metric": name, "value": value, "step": step}
         self.notes: list[str] = []
         self._rank0 = rank0
         self._echo = echo
@@ -110,28 +115,35 @@ class Monitor:
             self._bar.set_postfix_str(f"loss={loss:.4g} lr={lr:.2e} tok/s={rate:,.0f}", refresh=False)
             self._bar.update(advance)
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> bool:
+    def log_eval(self, step: int, metrics: dict[str, float], baseline: bool = False) -> bool:
         """Record an evaluation after `step` optimizer steps; True when it is the best so far.
 
-        Best is the lowest "loss" when the metrics have one, else the highest "accuracy"."""
+        Best is the lowest "loss" when the metrics have one, else the highest "accuracy". A
+        `baseline` (the model before training, at step 0) is logged and shown but never the best:
+        the best is an adapter that training made."""
         metrics = {k: float(v) for k, v in metrics.items()}
         self._write(step, "eval", metrics)
         improved = False
-        name = "loss" if "loss" in metrics else "accuracy" if "accuracy" in metrics else None
-        value = metrics[name] if name is not None else math.nan
+        if baseline:
+            self._show(f"step {step}: eval (baseline) " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            return improved
+        name, value = _score(metrics)
         if math.isfinite(value):
             best = None if self.best is None else self.best["value"]
             improved = best is None or (value < best if name == "loss" else value > best)
             if improved:
                 self.best = {"metric": name, "value": value, "step": step}
-        if self._rank0:
-            line = f"step {step}: eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            if self._bar is not None:
-                with self._bar.external_write_mode(file=sys.stderr):
-                    self._echo(line)
-            else:
-                self._echo(line)
+        self._show(f"step {step}: eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return improved
+
+    def _show(self, line: str) -> None:
+        if not self._rank0:
+            return
+        if self._bar is not None:
+            with self._bar.external_write_mode(file=sys.stderr):
+                self._echo(line)
+        else:
+            self._echo(line)
 
     def close(self) -> None:
         """Stop the clock, close the bar and files and draw curves.png; safe to call twice."""
@@ -201,6 +213,12 @@ class Monitor:
         if self._writer is not None:
             for k, v in values.items():
                 self._writer.add_scalar(f"{split}/{k}", v, step)
+
+
+def _score(metrics: dict[str, float]) -> tuple[str | None, float]:
+    """What decides the best evaluation: the "loss" (lower is better), else the "accuracy"; NaN when neither."""
+    name = "loss" if "loss" in metrics else "accuracy" if "accuracy" in metrics else None
+    return name, float(metrics[name]) if name is not None else math.nan
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
