@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from spra_tools.demo import CORPUS, build_word_tokenizer
+from spra_tools.testing import CORPUS, build_word_tokenizer
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, POSITIONS = 128, 64, 2, 4, 128, 64
 PAD, UNK, BOS, EOS = 0, 1, 2, 3  # build_word_tokenizer's special ids
