@@ -268,6 +268,13 @@ def sparse_addmm(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, block
     )  # fmt: skip
 
 
+def sparse_addmm_kernel(device: torch.device | str) -> Callable:
+    """The kernel behind sparse_addmm for tensors on `device`, resolved once, taking the op's own
+    arguments (out, x, values, block_ptrs, offsets, keys, segments tensor, max_rows, transposed;
+    empty offsets or keys for the unused one): for callers that run it hundreds of times a step."""
+    return _op("sparse_addmm", device)
+
+
 @functools.lru_cache(maxsize=64)
 def _all_rows(rows: int, device: torch.device) -> SegmentTable:
     return segment_table([(0, rows, 0)], device)
