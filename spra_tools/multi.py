@@ -193,9 +193,11 @@ class MultiAdapter:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         staged: dict[torch.device, _Staged] = {}
         for g in handle.groups:
+            indices = None if self.regenerate_supports else ops.indices_many(g.supports, g.weights[0].device)
             offset = 0
             for name, weight, support in zip(g.names, g.weights, g.supports):
                 values = g.values[offset : offset + support.count].to(self.values_dtype)
+                here = slice(offset, offset + support.count)
                 offset += support.count
                 module = self._holder(name, params[name], where)
                 conv1d = _is_conv1d(module)
@@ -210,7 +212,7 @@ class MultiAdapter:
                     counts = seeded_block_counts(support, weight.device)
                     key = as_key(tensor_key(support.seed, support.name))
                 else:
-                    idx = ops.support_indices(support, weight.device)
+                    idx = indices[here]
                     if conv1d:  # lay Δ [in, out] out as Δᵀ [out, in]: the owner-computes product
                         idx, order = transpose_indices(idx, weight.shape[0], weight.shape[1])
                         values = values[order]
@@ -341,8 +343,10 @@ class _Call:
     def operand(self, x: torch.Tensor, dtype: torch.dtype, table) -> torch.Tensor:
         """x as [rows, features] in the layer's dtype; feature-major where a segment has many rows
         on a GPU (a warp's tokens then read one column in one transaction)."""
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        if x2.device.type != "cuda" or table.max_rows < 8:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:  # autocast: the layer ran in another dtype than its input
+            x2 = x2.to(dtype)
+        if table.max_rows < 8 or x2.device.type != "cuda":
             return x2
         if self.last is None or self.last[0] is not x:
             self.last = (x, x2.t().contiguous().t())
