@@ -158,7 +158,7 @@ def test_matches_the_oracle(backend, rows, cols, densities, regenerate, transpos
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("values_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("values_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_activation_and_value_dtypes(backend, dtype, values_dtype, transposed):
     device = _device(backend)
