@@ -28,6 +28,7 @@ _LAZY = {
     "swap": "live",
     "load_model": "live",
     "Handle": "live",
+    "MultiAdapter": "multi",
 }
 
 

@@ -97,7 +97,8 @@ def test_bf16_gradients_within_twice_pytorchs_own_error(tmp_path):
 @pytest.mark.parametrize("method", ["dense", "tiled", "sddmm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "tokens,rows,cols,k", [(37, 48, 80, 300), (3000, 96, 200, 5000), (8, 1, 5, 5), (77, 50, 37, 1850), (5, 3000, 40, 900)]
+    "tokens,rows,cols,k",
+    [(37, 48, 80, 300), (3000, 96, 200, 5000), (8, 1, 5, 5), (77, 50, 37, 1850), (5, 3000, 40, 900)],
 )
 def test_support_grad_methods_agree_with_numpy(method, dtype, device, tokens, rows, cols, k):
     """Token counts that are no multiple of 8 (padded), longer than one kernel chunk, and tiny; widths

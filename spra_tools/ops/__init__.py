@@ -1,5 +1,6 @@
-"""One front for every kernel: support generation, gather, scatter-apply, exact restore, and the
-training ops (weight gradients at the support, the fused AdamW step).
+"""One front for every kernel: support generation, gather, scatter-apply, exact restore, the
+training ops (weight gradients at the support, the fused AdamW step) and the unmerged sparse
+product (`sparse_addmm`: y += x · Δᵀ for many adapters in one batch).
 
 The backend is chosen per call from ``SPRA_TOOLS_BACKEND`` (auto|reference|cpu|cuda; auto = the
 fastest available for the tensor's device; the old name ``SPRA_BACKEND`` still works). Every backend gives bit-identical results; the pure-torch
@@ -26,6 +27,7 @@ from ..errors import SpraError
 from ..support import ExplicitSupport, SeededSupport, Support, as_int64, tensor_key
 from . import extension
 from .library import DEFAULTS
+from .sparse import SegmentTable, SparseLayout, segment_table
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 BACKEND_VARIABLE = "SPRA_TOOLS_BACKEND"
@@ -86,7 +88,7 @@ def _op(name: str, device) -> Callable:
     return functools.partial(_run_on, op, torch.device(backend), name in _MUTATING)
 
 
-_MUTATING = {"seeded_apply", "seeded_restore", "scatter_apply", "restore"}  # their first argument
+_MUTATING = {"seeded_apply", "seeded_restore", "scatter_apply", "restore", "sparse_addmm"}  # their first argument
 
 
 def _run_on(op, device: torch.device, mutates: bool, *args):
@@ -321,6 +323,53 @@ def adamw_step(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs
     for (device, _), members in groups.items():
         picked = [[xs[t] for t in members] for xs in lists]
         _op("adamw_step", device)(*picked, *scalars, grad_scale)
+
+
+def sparse_addmm(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, block_ptrs: torch.Tensor,
+                 segments: SegmentTable, offsets: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                 transposed: bool = False) -> None:  # fmt: skip
+    """In place, the unmerged sparse product for the rows of each segment: ``out[t] += x[t] · Mᵀ``
+    (transposed: ``x[t] · M``) with M the segment's slot's sparse matrix, accumulated in fp32 and
+    added once, ``cast(out + acc)``; rows of no segment (and outputs whose sum is exactly 0) stay as
+    they are, bit for bit. nn.Linear's forward is the plain product of its Δ; GPT-2 Conv1D's, and any
+    input gradient ``g · Δ``, the transposed one. out [T, P] row-major and x [T, Q] share a float
+    dtype; values (bf16/fp16/fp32) with `offsets` (block layout, ops.sparse) or, without them, seeded
+    supports regenerated in the kernel from `keys`. Contract: ops.reference.sparse_addmm."""
+    if out.dim() != 2 or x.dim() != 2 or out.shape[0] != x.shape[0] or out.stride(1) != 1:
+        raise ValueError(f"need a row-major out [T, P] and x [T, Q], got {tuple(out.shape)} and {tuple(x.shape)}")
+    if offsets is None and keys is None:
+        raise ValueError("need the support's offsets or its seeded keys")
+    if out.device.type == "cuda" and segments.max_rows >= 8 and x.stride(1) == 1:
+        x = x.t().contiguous().t()  # feature-major: a warp's tokens then read one column in one transaction
+    empty = out.new_empty(0, dtype=torch.int64)
+    _op("sparse_addmm", out.device)(
+        out, x, values, block_ptrs, offsets if offsets is not None else empty.short(),
+        keys if keys is not None else empty, segments.tensor, segments.max_rows, transposed,
+    )  # fmt: skip
+
+
+def sparse_addmm_kernel(device: torch.device | str) -> Callable:
+    """The kernel behind sparse_addmm for tensors on `device`, resolved once, taking the op's own
+    arguments (out, x, values, block_ptrs, offsets, keys, segments tensor, max_rows, transposed;
+    empty offsets or keys for the unused one): for callers that run it hundreds of times a step."""
+    return _op("sparse_addmm", device)
+
+
+@functools.lru_cache(maxsize=64)
+def _all_rows(rows: int, device: torch.device) -> SegmentTable:
+    return segment_table([(0, rows, 0)], device)
+
+
+def sparse_linear_add(out: torch.Tensor, x: torch.Tensor, layout: SparseLayout, values: torch.Tensor,
+                      transposed: bool = False) -> None:  # fmt: skip
+    """``out += x · Mᵀ`` (transposed: ``x · M``) on every row, M the layout's matrix with `values`
+    (in support order; a layout built transposed takes them through its `order`). With the layout
+    of an nn.Linear's Δ [out, in]: ``y += x · Δᵀ``, and transposed, the input gradient ``g · Δ``."""
+    if layout.order is not None:
+        values = values[layout.order]
+    sparse_addmm(out, x, values, layout.block_ptrs, _all_rows(out.shape[0], out.device),
+                 layout.offsets if layout.offsets.numel() else None,
+                 layout.keys if layout.keys.numel() else None, transposed)  # fmt: skip
 
 
 def indices_many(supports: list[Support], device: torch.device | str) -> torch.Tensor:

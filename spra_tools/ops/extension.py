@@ -71,7 +71,7 @@ def _build_args(kind: str) -> dict:
     if kind == "cpu":
         return dict(
             name="spra_tools_cpu",
-            sources=[str(src / "spra_cpu.cpp")],
+            sources=[str(src / "spra_cpu.cpp"), str(src / "spra_sparse_mm_cpu.cpp")],
             extra_cflags=[*common, "-fopenmp", "-march=native"],  # built where it runs
             extra_ldflags=["-fopenmp"],
         )
@@ -79,7 +79,9 @@ def _build_args(kind: str) -> dict:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # nothing to detect: build for Hopper (H100/H200)
     return dict(
         name="spra_tools_cuda",
-        sources=[str(src / "spra_cuda.cu"), str(src / "spra_train_cuda.cu"), str(src / "spra_sddmm_cuda.cu")],
+        sources=[
+            str(src / n) for n in ("spra_cuda.cu", "spra_train_cuda.cu", "spra_sddmm_cuda.cu", "spra_sparse_mm_cuda.cu")
+        ],
         extra_cflags=common,
         extra_cuda_cflags=["-O3", "--fmad=false", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"],
         with_cuda=True,

@@ -30,6 +30,9 @@ _SCHEMAS = {
     "adamw_step": "(Tensor(a!)[] weights, Tensor[] indices, Tensor[] originals, Tensor(b!)[] deltas, Tensor[] grads, "
     "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
     "float weight_decay, float step_size, float inv_sqrt_bias_correction2, Tensor? grad_scale) -> ()",
+    # out[rows of segment s] += x[rows] · M_slot(s)ᵀ (transposed: x · M): contract in reference.sparse_addmm.
+    "sparse_addmm": "(Tensor(a!) out, Tensor x, Tensor values, Tensor block_ptrs, Tensor offsets, Tensor keys, "
+    "Tensor segments, int max_rows, bool transposed) -> ()",
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -131,6 +134,11 @@ def _adamw_step(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sq
         reference.scatter_apply(w, i, p, 1.0)
 
 
+@_default("sparse_addmm")
+def _sparse_addmm(out, x, values, block_ptrs, offsets, keys, segments, max_rows, transposed):
+    reference.sparse_addmm(out, x, values, block_ptrs, offsets, keys, segments, max_rows, transposed)
+
+
 # --- fake kernels: shapes and dtypes only ------------------------------------------------------
 
 
@@ -183,4 +191,9 @@ def _(a, b, indices, order, tile_starts, tile_rows, tile_cols):
 @torch.library.register_fake(f"{NS}::adamw_step")
 def _(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
       step_size, inv_sqrt_bias_correction2, grad_scale):  # fmt: skip
+    return None
+
+
+@torch.library.register_fake(f"{NS}::sparse_addmm")
+def _(out, x, values, block_ptrs, offsets, keys, segments, max_rows, transposed):
     return None

@@ -40,8 +40,12 @@ def seeded_indices(seed: int, name: str, numel: int, density: float, device) -> 
 
 def seeded_indices_for_key(tensor_key: int, numel: int, density: float, device) -> torch.Tensor:
     """As seeded_indices, from the tensor's 64-bit support key."""
-    key = sup.as_int64(tensor_key)
-    cum = torch.from_numpy(sup.block_counts(numel, density)).to(device)
+    return seeded_indices_from_counts(tensor_key, numel, torch.from_numpy(sup.block_counts(numel, density)).to(device))
+
+
+def seeded_indices_from_counts(tensor_key: int, numel: int, cum: torch.Tensor) -> torch.Tensor:
+    """As seeded_indices_for_key, given the cumulative block counts (support.block_counts) on the target device."""
+    key, device = sup.as_int64(tensor_key), cum.device
     total = int(cum[-1]) if cum.numel() else 0
     if total == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
@@ -108,3 +112,42 @@ def adamw_update(delta, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight
         delta.mul_(1.0 - lr * weight_decay)
     denom = exp_avg_sq.sqrt() * inv_sqrt_bias_correction2 + eps  # a product: torch divides by a scalar as one
     delta.sub_((exp_avg / denom) * step_size)
+
+
+def sparse_addmm(out, x, values, block_ptrs, offsets, keys, segments, max_rows: int, transposed: bool) -> None:
+    """The unmerged sparse product, in place: for each segment (first row, end row, slot) of `segments`
+    (int32 [S, 3]; disjoint, each at most `max_rows` rows) with slot >= 0, and each of its rows t,
+    ``out[t] = cast(fp32(out[t]) + acc[t])`` wherever acc[t] != 0, with acc = x[t] · Mᵀ in fp32
+    (transposed: x[t] · M). M is the slot's sparse [rows, cols] matrix — rows = out's features and
+    cols = x's (transposed: the reverse); nn.Linear's forward is the plain product with M = Δ, GPT-2
+    Conv1D's the transposed one. M's support is cut into blocks of 2**16 flat elements: the slot's
+    elements of block b are ``values[block_ptrs[slot, b] : block_ptrs[slot, b + 1]]``, at the sorted
+    in-block offsets ``offsets`` holds there (int16 holding uint16, parallel to values) or, when
+    `offsets` is empty, at those of the seeded support with key ``keys[slot]`` (the block counts
+    then being its closed-form ones). Rows of no segment are untouched."""
+    rows, cols = (x.shape[1], out.shape[1]) if transposed else (out.shape[1], x.shape[1])
+    numel = rows * cols
+    blocks = -(-numel // sup.BLOCK)
+    if block_ptrs.dim() != 2 or block_ptrs.shape[1] != blocks + 1:
+        raise ValueError(f"block_ptrs must be [slots, {blocks + 1}] for a [{rows}, {cols}] matrix")
+    for first, end, slot in segments.tolist():
+        if end - first > max_rows:
+            raise ValueError(f"segment ({first}, {end}) is longer than max_rows={max_rows}")
+        ptr = block_ptrs[slot] if slot >= 0 else None
+        if ptr is None or end <= first or int(ptr[-1]) == int(ptr[0]):
+            continue
+        p0, p1 = int(ptr[0]), int(ptr[-1])
+        if offsets.numel():
+            starts = torch.repeat_interleave(
+                torch.arange(blocks, device=ptr.device) * sup.BLOCK, torch.diff(ptr), output_size=p1 - p0
+            )
+            flat = (offsets[p0:p1].long() & 0xFFFF) + starts
+        else:
+            flat = seeded_indices_from_counts(int(keys[slot]) % (1 << 64), numel, ptr[1:] - p0)
+        dense = torch.zeros(numel, dtype=torch.float32, device=out.device)
+        dense[flat] = values[p0:p1].float()
+        dense = dense.view(rows, cols)
+        xs = x[first:end].float()
+        acc = xs @ dense if transposed else xs @ dense.t()
+        o = out[first:end]
+        o.copy_(torch.where(acc != 0, (o.float() + acc).to(out.dtype), o))
