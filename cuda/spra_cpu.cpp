@@ -30,27 +30,27 @@ std::vector<TensorEntry> make_entries(at::IntArrayRef keys, at::IntArrayRef nume
   return entries;
 }
 
-// Sorts block offsets (< 2**16; n <= kSortMax) with `tmp` (n entries) and `count` (4097 entries):
-// bucket by the top bits, about two offsets a bucket, then insertion-sort within each bucket.
-// Linear in n; far cheaper than a comparison sort of random data at these sizes.
-void sort_offsets(uint32_t* a, int64_t n, uint32_t* tmp, int64_t* count) {
+// Sorts distinct block offsets (< 2**16; n <= kSortMax) from `a` into `out`, with `count` (4097
+// entries): bucket by the top bits, about half an offset a bucket, then insertion-sort within each
+// bucket. Linear in n; far cheaper than a comparison sort of random data at these sizes.
+void sort_offsets(const uint32_t* a, int64_t n, uint32_t* out, int32_t* count) {
   int bits = 4;
-  while (bits < 12 && (int64_t(1) << (bits + 1)) <= n) ++bits;
+  while (bits < 12 && (int64_t(1) << bits) < 2 * n) ++bits;
   const int shift = 16 - bits, buckets = 1 << bits;
   std::fill(count, count + buckets + 1, 0);
   for (int64_t i = 0; i < n; ++i) ++count[(a[i] >> shift) + 1];
   for (int d = 0; d < buckets; ++d) count[d + 1] += count[d];
-  for (int64_t i = 0; i < n; ++i) tmp[count[a[i] >> shift]++] = a[i];
+  for (int64_t i = 0; i < n; ++i) out[count[a[i] >> shift]++] = a[i];
   for (int64_t i = 1; i < n; ++i) {  // buckets are in order: one insertion pass sorts within them
-    const uint32_t v = tmp[i];
+    const uint32_t v = out[i];
+    if (out[i - 1] <= v) continue;
     int64_t j = i - 1;
-    while (j >= 0 && tmp[j] > v) {
-      tmp[j + 1] = tmp[j];
+    while (j >= 0 && out[j] > v) {
+      out[j + 1] = out[j];
       --j;
     }
-    tmp[j + 1] = v;
+    out[j + 1] = v;
   }
-  std::copy(tmp, tmp + n, a);
 }
 
 // Runs f(k) for k in [0, n) on all cores when n is large enough to pay for them.
@@ -62,14 +62,16 @@ void parallel_for(int64_t n, F f) {
 
 // Calls f(tensor, flat index, position in the flat values) once for every support element.
 // `touch(tensor, flat index)` runs over a block's elements first: a prefetch of the weights, so
-// the block's cache misses overlap instead of following one another.
+// the block's cache misses overlap instead of following one another. Blocks dense enough to pay
+// for it evaluate the permutation through a table of its round function (spra_common.h).
 template <typename F, typename T>
 void for_each_element(const std::vector<TensorEntry>& entries, int64_t blocks, F f, T touch) {
   if (entries.empty()) return;
-#pragma omp parallel
+#pragma omp parallel if (blocks >= 16)  // below that, waking the team costs more than it saves
   {
     std::vector<uint32_t> offsets, scratch(kSortMax);
-    std::vector<int64_t> count(4097);
+    std::vector<int32_t> count(4097);
+    uint8_t table[kRounds << 8];
 #pragma omp for schedule(dynamic, 8)
     for (int64_t g = 0; g < blocks; ++g) {
       const Block k = locate_block(entries.data(), static_cast<int>(entries.size()), g);
@@ -78,13 +80,16 @@ void for_each_element(const std::vector<TensorEntry>& entries, int64_t blocks, F
       offsets.clear();
       if (m <= kSortMax) {
         offsets.resize(m);
-        uint32_t* o = offsets.data();
-        if (k.length == kBlock) {  // no cycle walking: a loop the compiler vectorises
-          for (int64_t j = 0; j < m; ++j) o[j] = feistel(static_cast<uint32_t>(j), k.keys, kBlockBits);
+        uint32_t* s = scratch.data();
+        if (m > (int64_t(1) << (k.width / 2))) {
+          feistel_tabulate(table, k.keys, k.width, 0, 1);
+          for (int64_t j = 0; j < m; ++j) s[j] = permute_tabled(static_cast<uint32_t>(j), table, k.width, k.length);
+        } else if (k.length == kBlock) {  // no cycle walking: a loop the compiler vectorises
+          for (int64_t j = 0; j < m; ++j) s[j] = feistel(static_cast<uint32_t>(j), k.keys, kBlockBits);
         } else {
-          for (int64_t j = 0; j < m; ++j) o[j] = permute(static_cast<uint32_t>(j), k.keys, k.width, k.length);
+          for (int64_t j = 0; j < m; ++j) s[j] = permute(static_cast<uint32_t>(j), k.keys, k.width, k.length);
         }
-        sort_offsets(o, m, scratch.data(), count.data());
+        sort_offsets(s, m, offsets.data(), count.data());
       } else {
         for (int64_t x = 0; x < k.length; ++x)
           if (permute_inverse(static_cast<uint32_t>(x), k.keys, k.width, k.length) < m)

@@ -130,6 +130,40 @@ def test_seeded_apply_gather_restore_match_the_reference(device, dtype, values_d
     assert torch.equal(_bits(ops.gather_seeded(weights, sups)), _bits(original))
 
 
+# Shapes whose sizes are no multiple of 2**16 (a short last block), and one of exactly two blocks.
+_SHAPES = [(3, 70_001), (131_077,), (1000, 65), (7,), (2, 65536)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype,values_dtype,scale",
+    [
+        (torch.bfloat16, torch.bfloat16, 1.0),
+        (torch.float16, torch.float32, -0.37),
+        (torch.float32, torch.bfloat16, 2.5),
+    ],
+)
+# 1e-4 .. 1e-3: the direct permutation; 3e-3 and 1 %: its tabled round function; 5 %: dense blocks.
+@pytest.mark.parametrize("density", [1e-4, 1e-3, 3e-3, 0.01, 0.05])
+def test_seeded_ops_across_densities_and_ragged_shapes(device, dtype, values_dtype, scale, density):
+    gen = _gen("ragged", str(dtype), density)
+    weights = [torch.randn(s, generator=gen).to(dtype).to(device) for s in _SHAPES]
+    sups = [SeededSupport(3, f"r{i}", w.numel(), density) for i, w in enumerate(weights)]
+    keys, densities = [as_key(tensor_key(s.seed, s.name)) for s in sups], [s.density for s in sups]
+    values = torch.randn(sum(s.count for s in sups), generator=gen).to(values_dtype).to(device)
+    expected = [w.clone() for w in weights]
+    original = ops.apply_seeded(weights, sups, values, scale)
+    expected_original = DEFAULTS["seeded_apply"](expected, keys, densities, values, scale, True)
+    assert torch.equal(_bits(original), _bits(expected_original))
+    assert all(torch.equal(_bits(w), _bits(e)) for w, e in zip(weights, expected))
+    assert torch.equal(
+        _bits(ops.gather_seeded(weights, sups)), _bits(DEFAULTS["seeded_gather"](expected, keys, densities))
+    )
+    assert np.array_equal(ops.indices_many(sups, device).cpu().numpy(), np.concatenate([s.indices() for s in sups]))
+    ops.restore_seeded(weights, sups, original)
+    assert torch.equal(_bits(ops.gather_seeded(weights, sups)), _bits(original))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("values_dtype", DTYPES)
