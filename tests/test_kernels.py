@@ -164,6 +164,18 @@ def test_seeded_ops_across_densities_and_ragged_shapes(device, dtype, values_dty
     assert torch.equal(_bits(ops.gather_seeded(weights, sups)), _bits(original))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bad_launch_shape_is_refused(monkeypatch):
+    if extension.load("cuda") != "ok":
+        pytest.skip("cuda extension unavailable")
+    monkeypatch.setenv("SPRA_BACKEND", "cuda")
+    monkeypatch.setenv("SPRA_TOOLS_KERNEL_TUNING", "threads=100")
+    w = torch.randn(70_000, device="cuda")
+    with pytest.raises(RuntimeError, match="SPRA_TOOLS_KERNEL_TUNING"):
+        ops.gather_seeded([w], [SeededSupport(1, "w", w.numel(), 0.01)])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("values_dtype", DTYPES)
