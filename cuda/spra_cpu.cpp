@@ -194,6 +194,115 @@ void seeded_restore_cpu(at::TensorList weights, at::IntArrayRef keys, at::ArrayR
   });
 }
 
+// --- explicit supports, many tensors in one call -------------------------------------------------
+
+// Calls f(tensor, flat index, k) for every element k of an explicit call: element k belongs to the
+// tensor t with firsts[t] <= k < firsts[t + 1] and sits at indices[k] in it. Chunks run in
+// parallel; inside one, each element is touched (prefetched) kAhead elements before its turn.
+template <typename I, typename F, typename T>
+void for_each_indexed(const std::vector<int64_t>& firsts, const I* indices, F f, T touch) {
+  constexpr int64_t kChunk = 4096, kAhead = 24;
+  const int n = static_cast<int>(firsts.size()) - 1;
+  const int64_t total = firsts.back();
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (total > 65536)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * kChunk, end = std::min(total, begin + kChunk);
+    int t = static_cast<int>(std::upper_bound(firsts.begin(), firsts.begin() + n, begin) - firsts.begin()) - 1;
+    int ahead = t;  // the tensor of the element being touched
+    auto touch_at = [&](int64_t a) {
+      while (firsts[ahead + 1] <= a) ++ahead;
+      touch(ahead, static_cast<int64_t>(indices[a]));
+    };
+    for (int64_t a = begin; a < std::min(end, begin + kAhead); ++a) touch_at(a);
+    for (int64_t k = begin; k < end; ++k) {
+      if (k + kAhead < end) touch_at(k + kAhead);
+      while (firsts[t + 1] <= k) ++t;
+      f(t, static_cast<int64_t>(indices[k]), k);
+    }
+  }
+}
+
+// The first element of each tensor's indices (counts.size() + 1 entries, the last = total).
+std::vector<int64_t> firsts_of(const at::TensorList& weights, const at::Tensor& indices, at::IntArrayRef counts) {
+  TORCH_CHECK(!weights.empty() && counts.size() == weights.size(), "need one count per weight, and a weight");
+  TORCH_CHECK(indices.dim() == 1 && indices.is_contiguous() &&
+                  (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
+              "indices must be 1-D contiguous int64 or int32");
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "weights must be contiguous CPU tensors");
+    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type(), "weights of one call must share a dtype");
+  }
+  std::vector<int64_t> firsts{0};
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "counts must not be negative");
+    firsts.push_back(firsts.back() + c);
+  }
+  TORCH_CHECK(indices.numel() == firsts.back(), "indices must hold sum(counts) entries");
+  return firsts;
+}
+
+template <typename F>
+void dispatch_index(const at::Tensor& indices, F f) {
+  if (indices.scalar_type() == at::kInt) f(indices.data_ptr<int32_t>());
+  else f(indices.data_ptr<int64_t>());
+}
+
+at::Tensor gather_many_cpu(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts) {
+  auto firsts = firsts_of(weights, indices, counts);
+  auto out = at::empty({firsts.back()}, weights[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "gather_many", [&] {
+    auto w = pointers<scalar_t>(weights);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    dispatch_index(indices, [&](const auto* idx) {
+      for_each_indexed(firsts, idx, [&](int t, int64_t index, int64_t k) { o[k] = w[t][index]; }, prefetch(w));
+    });
+  });
+  return out;
+}
+
+at::Tensor scatter_apply_many_cpu(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts,
+                                  const at::Tensor& values, double scale, bool save_originals) {
+  auto firsts = firsts_of(weights, indices, counts);
+  TORCH_CHECK(values.is_contiguous() && values.numel() == firsts.back(), "values must be contiguous with one entry per index");
+  auto originals = at::empty({save_originals ? firsts.back() : 0}, weights[0].options());
+  const float s = static_cast<float>(scale);
+  const bool scaled = s != 1.0f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "scatter_apply_many", [&] {
+    using W = scalar_t;
+    auto w = pointers<W>(weights);
+    W* orig = save_originals ? originals.data_ptr<W>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "scatter_apply_many_values", [&] {
+      const scalar_t* v = values.data_ptr<scalar_t>();
+      dispatch_index(indices, [&](const auto* idx) {
+        for_each_indexed(firsts, idx, [&](int t, int64_t index, int64_t k) {
+          W& x = w[t][index];
+          if (orig) orig[k] = x;
+          x = add_scaled(x, v[k], s, scaled);
+        }, prefetch(w));
+      });
+    });
+  });
+  return originals;
+}
+
+void restore_many_cpu(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts,
+                      const at::Tensor& originals) {
+  auto firsts = firsts_of(weights, indices, counts);
+  TORCH_CHECK(originals.is_contiguous() && originals.numel() == firsts.back() &&
+                  originals.scalar_type() == weights[0].scalar_type(),
+              "originals must hold one weight-dtype entry per index");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "restore_many", [&] {
+    auto w = pointers<scalar_t>(weights);
+    const scalar_t* o = originals.data_ptr<scalar_t>();
+    dispatch_index(indices, [&](const auto* idx) {
+      for_each_indexed(firsts, idx, [&](int t, int64_t index, int64_t k) { w[t][index] = o[k]; }, prefetch(w));
+    });
+  });
+}
+
+// --- explicit supports, one tensor ------------------------------------------------------------------
+
 void check_explicit(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values) {
   TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
   TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 1, "indices must be 1-D int64");
@@ -255,4 +364,7 @@ TORCH_LIBRARY_IMPL(spra_tools, CPU, m) {
   m.impl("gather", &spra::gather_cpu);
   m.impl("scatter_apply", &spra::scatter_apply_cpu);
   m.impl("restore", &spra::restore_cpu);
+  m.impl("gather_many", &spra::gather_many_cpu);
+  m.impl("scatter_apply_many", &spra::scatter_apply_many_cpu);
+  m.impl("restore_many", &spra::restore_many_cpu);
 }

@@ -12,6 +12,9 @@
 // seeded_kernel: a CTA per block, a bitonic sort or, for very dense blocks, a membership test of
 // every position. Arithmetic is spelled with __fmul_rn / __fadd_rn so it is never contracted.
 //
+// Explicit ops (*_many): the same per-element work for indices given in global memory, one launch
+// for all tensors of a call (a pointer table); they also serve staged adapters.
+//
 // Launch shape (threads per CTA, support elements per tile, loads in flight per thread) has
 // defaults below; SPRA_TOOLS_KERNEL_TUNING="threads=256,tile=4096,unroll=4" overrides any of them,
 // read at every launch, so that a benchmark can compare shapes in one process.
@@ -35,7 +38,7 @@ namespace spra {
 namespace {
 
 constexpr int kDenseThreads = 128;  // seeded_kernel
-constexpr int kMaxThreads = 512;    // tile_kernel
+constexpr int kMaxThreads = 512;    // tile_kernel, indexed_kernel
 constexpr int kTileMax = 1024;      // most support elements of a block that tile_kernel handles
 constexpr int kMaxTileBlocks = 128;
 constexpr int kMaxUnroll = 8;
@@ -524,6 +527,147 @@ void elementwise(int64_t n, F f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// --- explicit supports, many tensors in one launch ---------------------------------------------
+
+// The last tensor t in [lo, hi] with firsts[t] <= k: the owner of support element k.
+__device__ __forceinline__ int owner(const int64_t* firsts, int lo, int hi, int64_t k) {
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (firsts[mid] <= k) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Support elements [begin, begin + blockDim.x * unroll) per CTA; firsts[t] is tensor t's first
+// element (n + 1 entries, the last = total). Each thread loads its `unroll` elements, then stores.
+template <typename Op, typename I>
+__global__ void __launch_bounds__(kMaxThreads)
+    indexed_kernel(const int64_t* firsts, int n, const I* __restrict__ indices, int64_t total, int unroll, Op op) {
+  __shared__ int range[2];
+  const int64_t begin = int64_t(blockIdx.x) * blockDim.x * unroll;
+  const int64_t end = std::min<int64_t>(total, begin + int64_t(blockDim.x) * unroll);
+  if (threadIdx.x < 2) range[threadIdx.x] = owner(firsts, 0, n - 1, threadIdx.x ? end - 1 : begin);
+  __syncthreads();
+  const int lo = range[0], hi = range[1];
+  typename Op::Item item[kMaxUnroll];
+  typename Op::Base base[kMaxUnroll];
+  int64_t index[kMaxUnroll];
+#pragma unroll
+  for (int i = 0; i < kMaxUnroll; ++i) {
+    const int64_t k = begin + i * blockDim.x + threadIdx.x;
+    if (i < unroll && k < end) {
+      base[i] = op.base(owner(firsts, lo, hi, k), 0);
+      index[i] = static_cast<int64_t>(indices[k]);
+      item[i] = op.load(base[i], index[i], k);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxUnroll; ++i) {
+    const int64_t k = begin + i * blockDim.x + threadIdx.x;
+    if (i < unroll && k < end) op.store(base[i], index[i], k, item[i]);
+  }
+}
+
+// Per-tensor element offsets and weight pointers of an explicit call, on the device.
+struct IndexedTable {
+  at::Tensor buffer;
+  int n = 0;
+  int64_t total = 0;
+  const int64_t* firsts() const { return static_cast<const int64_t*>(buffer.data_ptr()); }
+  template <typename W>
+  W* const* pointers() const {
+    return reinterpret_cast<W* const*>(static_cast<const char*>(buffer.data_ptr()) + (n + 1) * sizeof(int64_t));
+  }
+};
+
+IndexedTable make_indexed_table(const at::TensorList& weights, const at::Tensor& indices, at::IntArrayRef counts) {
+  TORCH_CHECK(!weights.empty(), "need at least one weight");
+  TORCH_CHECK(counts.size() == weights.size(), "need one count per weight");
+  TORCH_CHECK(indices.dim() == 1 && indices.is_contiguous() && indices.device() == weights[0].device() &&
+                  (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
+              "indices must be 1-D contiguous int64 or int32 on the weights' device");
+  std::vector<int64_t> numels;
+  auto pointers = weight_pointers(weights, &numels);
+  IndexedTable table;
+  table.n = static_cast<int>(weights.size());
+  std::vector<int64_t> firsts;
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "counts must not be negative");
+    firsts.push_back(table.total);
+    table.total += c;
+  }
+  firsts.push_back(table.total);
+  TORCH_CHECK(indices.numel() == table.total, "indices must hold sum(counts) entries");
+  std::vector<char> bytes;
+  append(&bytes, firsts.data(), firsts.size());
+  append(&bytes, pointers.data(), pointers.size());
+  table.buffer = upload(bytes, weights[0].device());
+  return table;
+}
+
+template <typename Op>
+void launch_indexed(const IndexedTable& table, const at::Tensor& indices, Op op) {
+  if (table.total == 0) return;
+  const Tuning tu = tuning();
+  const int64_t per = int64_t(tu.threads) * tu.unroll;
+  const int64_t grid = (table.total + per - 1) / per;
+  TORCH_CHECK(grid < (int64_t(1) << 31), "too many support elements for one launch");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (indices.scalar_type() == at::kInt) {
+    indexed_kernel<<<static_cast<unsigned>(grid), tu.threads, 0, stream>>>(
+        table.firsts(), table.n, indices.data_ptr<int32_t>(), table.total, tu.unroll, op);
+  } else {
+    indexed_kernel<<<static_cast<unsigned>(grid), tu.threads, 0, stream>>>(
+        table.firsts(), table.n, indices.data_ptr<int64_t>(), table.total, tu.unroll, op);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor gather_many_cuda(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts) {
+  TORCH_CHECK(!weights.empty(), "need at least one weight");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  IndexedTable table = make_indexed_table(weights, indices, counts);
+  auto out = at::empty({table.total}, weights[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "gather_many", [&] {
+    launch_indexed(table, indices, GatherOp<scalar_t>{table.pointers<scalar_t>(), out.data_ptr<scalar_t>()});
+  });
+  return out;
+}
+
+at::Tensor scatter_apply_many_cuda(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts,
+                                   const at::Tensor& values, double scale, bool save_originals) {
+  TORCH_CHECK(!weights.empty(), "need at least one weight");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  IndexedTable table = make_indexed_table(weights, indices, counts);
+  TORCH_CHECK(values.is_contiguous() && values.device() == weights[0].device() && values.numel() == table.total,
+              "values must be contiguous on the weights' device with one entry per index");
+  auto originals = at::empty({save_originals ? table.total : 0}, weights[0].options());
+  const float s = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "scatter_apply_many", [&] {
+    using W = scalar_t;
+    W* orig = save_originals ? originals.data_ptr<W>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "scatter_apply_many_values", [&] {
+      launch_indexed(table, indices,
+                     ApplyOp<W, scalar_t>{table.pointers<W>(), values.data_ptr<scalar_t>(), orig, s, s != 1.0f});
+    });
+  });
+  return originals;
+}
+
+void restore_many_cuda(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts,
+                       const at::Tensor& originals) {
+  TORCH_CHECK(!weights.empty(), "need at least one weight");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  IndexedTable table = make_indexed_table(weights, indices, counts);
+  TORCH_CHECK(originals.is_contiguous() && originals.numel() == table.total &&
+                  originals.scalar_type() == weights[0].scalar_type() && originals.device() == weights[0].device(),
+              "originals must hold one weight-dtype entry per index, on the weights' device");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "restore_many", [&] {
+    launch_indexed(table, indices, RestoreOp<scalar_t>{table.pointers<scalar_t>(), originals.data_ptr<scalar_t>()});
+  });
+}
+
 // --- explicit supports, one tensor ------------------------------------------------------------------
 
 template <typename W>
@@ -607,4 +751,7 @@ TORCH_LIBRARY_IMPL(spra_tools, CUDA, m) {
   m.impl("gather", &spra::gather_cuda);
   m.impl("scatter_apply", &spra::scatter_apply_cuda);
   m.impl("restore", &spra::restore_cuda);
+  m.impl("gather_many", &spra::gather_many_cuda);
+  m.impl("scatter_apply_many", &spra::scatter_apply_many_cuda);
+  m.impl("restore_many", &spra::restore_many_cuda);
 }

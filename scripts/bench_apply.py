@@ -3,7 +3,9 @@
 One table per density, everything in it measured in the same run (medians):
 
 * ours — attach (regenerate every support from its seed, apply, save the originals; one launch),
-  detach (regenerate, write the originals back), gather (what verification reads); regenerating
+  detach (regenerate, write the originals back), gather (what verification reads); the same with
+  the supports given as int32 offsets (what a staged adapter holds; the *_many ops, one launch);
+  attach in two launches (regenerate the indices into memory, then apply with them); regenerating
   the supports alone;
 * ceilings — one flat bf16 buffer of the same total size with as many sorted random indices (one
   uniform pick in each of `count` equal strata, like a seeded support), through generic torch ops:
@@ -80,6 +82,7 @@ class Setup:
         self.count = sum(self.counts)
         self.values = (torch.randn(self.count, generator=self.gen, device=self.device) * 1e-3).to(torch.bfloat16)
         self.indices = ops.indices_many(self.supports, self.device)  # int64, all tensors
+        self.offsets = self.indices.to(torch.int32)  # every numel here is below 2**31
 
 
 def our_rows(s: Setup, repeat: int) -> dict[str, float]:
@@ -90,6 +93,9 @@ def our_rows(s: Setup, repeat: int) -> dict[str, float]:
     # Detach restores one saved set of originals, which is idempotent.
     out["detach"] = timed(lambda: ops.restore_seeded(w, sup, originals), d, repeat)
     out["gather"] = timed(lambda: ops.gather_seeded(w, sup), d, repeat)
+    out["staged attach"] = timed(lambda: ops.scatter_apply_many(w, s.offsets, s.counts, s.values), d, repeat)
+    staged_originals = ops.scatter_apply_many(w, s.offsets, s.counts, s.values)
+    out["staged detach"] = timed(lambda: ops.restore_many(w, s.offsets, s.counts, staged_originals), d, repeat)
     return out
 
 
@@ -109,7 +115,7 @@ def main():
     for density in args.density:
         s.at(density)
         table(s, args.repeat)
-        del s.values, s.indices
+        del s.values, s.indices, s.offsets
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -124,6 +130,7 @@ def table(s: Setup, repeat: int) -> None:
     def regenerate():
         return torch.ops.spra_tools.seeded_indices(torch.empty(0, device=device), keys, numels, dens)
 
+    t_two = timed(lambda: ops.scatter_apply_many(w, regenerate(), s.counts, s.values), device, repeat)
     t_regen = timed(regenerate, device, repeat)
 
     ceiling = ceilings(s, repeat)
@@ -136,6 +143,9 @@ def table(s: Setup, repeat: int) -> None:
         ("attach: regenerate + apply + save originals, one launch", ours["attach"], rmw_name, best_rmw),
         ("detach: regenerate + restore originals, one launch", ours["detach"], copy_name, t_copy),
         ("gather at the supports (verification's read), one launch", ours["gather"], select_name, t_select),
+        ("attach, int32 offsets given (a staged adapter), one launch", ours["staged attach"], rmw_name, best_rmw),
+        ("detach, int32 offsets given (a staged adapter), one launch", ours["staged detach"], copy_name, t_copy),
+        ("attach in two launches: seeded_indices, then apply with them", t_two, rmw_name, best_rmw),
         ("regenerate all supports alone (seeded_indices, one launch)", t_regen, None, None),
         ("ceiling: flat buffer index_select", t_select, None, None),
         ("ceiling: flat buffer index_copy_", t_copy, None, None),

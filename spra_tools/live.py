@@ -9,6 +9,8 @@ Attach groups the adapter's tensors by (device, weight dtype, values dtype) and 
 group in one kernel launch (seeded supports are regenerated on the device, never stored), keeping
 the overwritten originals for an exact restore. Models split over devices (`device_map`) simply
 give several groups. Tied weights are one parameter under two names: it is adapted once.
+Explicit supports (from diff, merge, convert) are applied the same way, one launch per group,
+from their indices copied to the device once per attach.
 
 Several adapters may be attached at once; they act in attach order. Detaching any of them
 restores the adapters attached after it, restores it, and re-applies the later ones in order, so
@@ -36,11 +38,12 @@ class _Group:
     """Tensors of one device, weight dtype and values dtype, applied together."""
 
     names: list[str]
-    weights: list[torch.Tensor]
+    weights: list[torch.Tensor]  # the parameters' data
     supports: list
     values: torch.Tensor  # flat, on the group's device
+    counts: list[int] = field(default_factory=list)  # support elements per tensor
+    indices: torch.Tensor | None = None  # flat per-tensor offsets on the device; None: regenerated from seeds
     originals: torch.Tensor | None = None  # flat, set while attached
-    seeded: bool = True
 
 
 @dataclass
@@ -71,16 +74,10 @@ class Handle:
     def _apply(self) -> None:
         with torch.no_grad():
             for g in self.groups:
-                if g.seeded:
+                if g.indices is None:
                     g.originals = ops.apply_seeded(g.weights, g.supports, g.values, self.scale)
                 else:
-                    parts, offset = [], 0
-                    for w, s in zip(g.weights, g.supports):
-                        idx = ops.support_indices(s, w.device)
-                        parts.append(ops.gather(w, idx))
-                        ops.scatter_apply(w, idx, g.values[offset : offset + s.count], self.scale)
-                        offset += s.count
-                    g.originals = torch.cat(parts) if parts else g.values.new_empty(0)
+                    g.originals = ops.scatter_apply_many(g.weights, g.indices, g.counts, g.values, self.scale)
             for name, (param, value) in self.dense.items():
                 self._dense_originals[name] = param.detach().clone()
                 param.data.copy_(value)
@@ -89,13 +86,10 @@ class Handle:
     def _restore(self) -> None:
         with torch.no_grad():
             for g in self.groups:
-                if g.seeded:
+                if g.indices is None:
                     ops.restore_seeded(g.weights, g.supports, g.originals)
                 else:
-                    offset = 0
-                    for w, s in zip(g.weights, g.supports):
-                        ops.restore(w, ops.support_indices(s, w.device), g.originals[offset : offset + s.count])
-                        offset += s.count
+                    ops.restore_many(g.weights, g.indices, g.counts, g.originals)
                 g.originals = None
             for name, (param, _) in self.dense.items():
                 param.data.copy_(self._dense_originals.pop(name))
@@ -135,28 +129,31 @@ def _prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> H
             )
         seeded = isinstance(delta.support, SeededSupport)
         key = (w.device, w.dtype, delta.values.dtype, seeded)
-        g = groups.setdefault(key, _Group([], [], [], torch.empty(0), seeded=seeded))
+        g = groups.setdefault(key, _Group([], [], [], torch.empty(0)))
         g.names.append(name)
         g.weights.append(w)
         g.supports.append(delta.support)
+        g.counts.append(delta.support.count)
     dense = {}
     for name, value in adapter.dense.items():
         param = params.get(name)
         if param is None or tuple(param.shape) != tuple(value.shape):
             raise MismatchError(f"dense tensor {name!r}: no parameter of that name and shape in the model", where)
         dense[name] = (param, value.to(param.device, param.dtype))
-    for (device, _, _, _), g in groups.items():
+    for (device, _, _, seeded), g in groups.items():
         g.values = torch.cat([adapter.deltas[n].values for n in g.names]).to(device)
+        if not seeded:
+            g.indices = _offsets(g.supports, device)
         _verify(model, adapter, g, where)
     return Handle(model, adapter, scale, list(groups.values()), dense)
 
 
 def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
     """Fingerprints of the group's base values, in one pass (module docstring: what "base" means)."""
-    if g.seeded:
+    if g.indices is None:
         values = ops.gather_seeded(g.weights, g.supports)
     else:
-        values = torch.cat([ops.gather(w, ops.support_indices(s, w.device)) for w, s in zip(g.weights, g.supports)])
+        values = ops.gather_many(g.weights, g.indices, g.counts)
     if _stack(model):
         values = _base_values(model, g, values)
     recorded = [adapter.deltas[n].fingerprint for n in g.names]
@@ -174,19 +171,26 @@ def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
             )
 
 
-def _addresses(weights: list[torch.Tensor], supports: list, device) -> torch.Tensor:
-    """Memory address of every support element: identifies an element across tensors and names."""
+def _offsets(supports: list, device) -> torch.Tensor:
+    """The supports' flat indices, concatenated on `device`: int32 (half the memory) where every
+    tensor has at most 2**31 elements."""
     idx = ops.indices_many(supports, device)
-    ptrs = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64, device=device)
-    counts = torch.tensor([s.count for s in supports], dtype=torch.int64, device=device)
-    return torch.repeat_interleave(ptrs, counts, output_size=idx.numel()) + idx * weights[0].element_size()
+    return idx.to(torch.int32) if all(s.numel <= 1 << 31 for s in supports) else idx
+
+
+def _addresses(g: _Group, device) -> torch.Tensor:
+    """Memory address of every support element: identifies an element across tensors and names."""
+    idx = ops.indices_many(g.supports, device) if g.indices is None else g.indices.to(device, torch.int64)
+    ptrs = torch.tensor([w.data_ptr() for w in g.weights], dtype=torch.int64, device=device)
+    counts = torch.tensor(g.counts, dtype=torch.int64, device=device)
+    return torch.repeat_interleave(ptrs, counts, output_size=idx.numel()) + idx * g.weights[0].element_size()
 
 
 def _base_values(model, g: _Group, values: torch.Tensor) -> torch.Tensor:
     """`values` (the group's weights at its supports) with elements that attached adapters changed put
     back to the base: the earliest such adapter's saved original is the base value."""
     device = values.device
-    mine = _addresses(g.weights, g.supports, device)
+    mine = _addresses(g, device)
     ours = {w.data_ptr() for w in g.weights}
     values = values.clone()
     restored = torch.zeros(values.numel(), dtype=torch.bool, device=device)
@@ -198,7 +202,7 @@ def _base_values(model, g: _Group, values: torch.Tensor) -> torch.Tensor:
                 or not other.originals.numel()
             ):
                 continue
-            theirs = _addresses(other.weights, other.supports, device)
+            theirs = _addresses(other, device)
             order = torch.argsort(theirs)
             sorted_theirs = theirs[order]
             pos = torch.searchsorted(sorted_theirs, mine).clamp_(max=sorted_theirs.numel() - 1)
