@@ -30,27 +30,27 @@ std::vector<TensorEntry> make_entries(at::IntArrayRef keys, at::IntArrayRef nume
   return entries;
 }
 
-// Sorts block offsets (< 2**16; n <= kSortMax) with `tmp` (n entries) and `count` (4097 entries):
-// bucket by the top bits, about two offsets a bucket, then insertion-sort within each bucket.
-// Linear in n; far cheaper than a comparison sort of random data at these sizes.
-void sort_offsets(uint32_t* a, int64_t n, uint32_t* tmp, int64_t* count) {
+// Sorts distinct block offsets (< 2**16; n <= kSortMax) from `a` into `out`, with `count` (4097
+// entries): bucket by the top bits, about half an offset a bucket, then insertion-sort within each
+// bucket. Linear in n; far cheaper than a comparison sort of random data at these sizes.
+void sort_offsets(const uint32_t* a, int64_t n, uint32_t* out, int32_t* count) {
   int bits = 4;
-  while (bits < 12 && (int64_t(1) << (bits + 1)) <= n) ++bits;
+  while (bits < 12 && (int64_t(1) << bits) < 2 * n) ++bits;
   const int shift = 16 - bits, buckets = 1 << bits;
   std::fill(count, count + buckets + 1, 0);
   for (int64_t i = 0; i < n; ++i) ++count[(a[i] >> shift) + 1];
   for (int d = 0; d < buckets; ++d) count[d + 1] += count[d];
-  for (int64_t i = 0; i < n; ++i) tmp[count[a[i] >> shift]++] = a[i];
+  for (int64_t i = 0; i < n; ++i) out[count[a[i] >> shift]++] = a[i];
   for (int64_t i = 1; i < n; ++i) {  // buckets are in order: one insertion pass sorts within them
-    const uint32_t v = tmp[i];
+    const uint32_t v = out[i];
+    if (out[i - 1] <= v) continue;
     int64_t j = i - 1;
-    while (j >= 0 && tmp[j] > v) {
-      tmp[j + 1] = tmp[j];
+    while (j >= 0 && out[j] > v) {
+      out[j + 1] = out[j];
       --j;
     }
-    tmp[j + 1] = v;
+    out[j + 1] = v;
   }
-  std::copy(tmp, tmp + n, a);
 }
 
 // Runs f(k) for k in [0, n) on all cores when n is large enough to pay for them.
@@ -62,14 +62,16 @@ void parallel_for(int64_t n, F f) {
 
 // Calls f(tensor, flat index, position in the flat values) once for every support element.
 // `touch(tensor, flat index)` runs over a block's elements first: a prefetch of the weights, so
-// the block's cache misses overlap instead of following one another.
+// the block's cache misses overlap instead of following one another. Blocks dense enough to pay
+// for it evaluate the permutation through a table of its round function (spra_common.h).
 template <typename F, typename T>
 void for_each_element(const std::vector<TensorEntry>& entries, int64_t blocks, F f, T touch) {
   if (entries.empty()) return;
-#pragma omp parallel
+#pragma omp parallel if (blocks >= 16)  // below that, waking the team costs more than it saves
   {
     std::vector<uint32_t> offsets, scratch(kSortMax);
-    std::vector<int64_t> count(4097);
+    std::vector<int32_t> count(4097);
+    uint8_t table[kRounds << 8];
 #pragma omp for schedule(dynamic, 8)
     for (int64_t g = 0; g < blocks; ++g) {
       const Block k = locate_block(entries.data(), static_cast<int>(entries.size()), g);
@@ -78,13 +80,16 @@ void for_each_element(const std::vector<TensorEntry>& entries, int64_t blocks, F
       offsets.clear();
       if (m <= kSortMax) {
         offsets.resize(m);
-        uint32_t* o = offsets.data();
-        if (k.length == kBlock) {  // no cycle walking: a loop the compiler vectorises
-          for (int64_t j = 0; j < m; ++j) o[j] = feistel(static_cast<uint32_t>(j), k.keys, kBlockBits);
+        uint32_t* s = scratch.data();
+        if (m > (int64_t(1) << (k.width / 2))) {
+          feistel_tabulate(table, k.keys, k.width, 0, 1);
+          for (int64_t j = 0; j < m; ++j) s[j] = permute_tabled(static_cast<uint32_t>(j), table, k.width, k.length);
+        } else if (k.length == kBlock) {  // no cycle walking: a loop the compiler vectorises
+          for (int64_t j = 0; j < m; ++j) s[j] = feistel(static_cast<uint32_t>(j), k.keys, kBlockBits);
         } else {
-          for (int64_t j = 0; j < m; ++j) o[j] = permute(static_cast<uint32_t>(j), k.keys, k.width, k.length);
+          for (int64_t j = 0; j < m; ++j) s[j] = permute(static_cast<uint32_t>(j), k.keys, k.width, k.length);
         }
-        sort_offsets(o, m, scratch.data(), count.data());
+        sort_offsets(s, m, offsets.data(), count.data());
       } else {
         for (int64_t x = 0; x < k.length; ++x)
           if (permute_inverse(static_cast<uint32_t>(x), k.keys, k.width, k.length) < m)
@@ -189,6 +194,115 @@ void seeded_restore_cpu(at::TensorList weights, at::IntArrayRef keys, at::ArrayR
   });
 }
 
+// --- explicit supports, many tensors in one call -------------------------------------------------
+
+// Calls f(tensor, flat index, k) for every element k of an explicit call: element k belongs to the
+// tensor t with firsts[t] <= k < firsts[t + 1] and sits at indices[k] in it. Chunks run in
+// parallel; inside one, each element is touched (prefetched) kAhead elements before its turn.
+template <typename I, typename F, typename T>
+void for_each_indexed(const std::vector<int64_t>& firsts, const I* indices, F f, T touch) {
+  constexpr int64_t kChunk = 4096, kAhead = 24;
+  const int n = static_cast<int>(firsts.size()) - 1;
+  const int64_t total = firsts.back();
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (total > 65536)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * kChunk, end = std::min(total, begin + kChunk);
+    int t = static_cast<int>(std::upper_bound(firsts.begin(), firsts.begin() + n, begin) - firsts.begin()) - 1;
+    int ahead = t;  // the tensor of the element being touched
+    auto touch_at = [&](int64_t a) {
+      while (firsts[ahead + 1] <= a) ++ahead;
+      touch(ahead, static_cast<int64_t>(indices[a]));
+    };
+    for (int64_t a = begin; a < std::min(end, begin + kAhead); ++a) touch_at(a);
+    for (int64_t k = begin; k < end; ++k) {
+      if (k + kAhead < end) touch_at(k + kAhead);
+      while (firsts[t + 1] <= k) ++t;
+      f(t, static_cast<int64_t>(indices[k]), k);
+    }
+  }
+}
+
+// The first element of each tensor's indices (counts.size() + 1 entries, the last = total).
+std::vector<int64_t> firsts_of(const at::TensorList& weights, const at::Tensor& indices, at::IntArrayRef counts) {
+  TORCH_CHECK(!weights.empty() && counts.size() == weights.size(), "need one count per weight, and a weight");
+  TORCH_CHECK(indices.dim() == 1 && indices.is_contiguous() &&
+                  (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
+              "indices must be 1-D contiguous int64 or int32");
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "weights must be contiguous CPU tensors");
+    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type(), "weights of one call must share a dtype");
+  }
+  std::vector<int64_t> firsts{0};
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "counts must not be negative");
+    firsts.push_back(firsts.back() + c);
+  }
+  TORCH_CHECK(indices.numel() == firsts.back(), "indices must hold sum(counts) entries");
+  return firsts;
+}
+
+template <typename F>
+void dispatch_index(const at::Tensor& indices, F f) {
+  if (indices.scalar_type() == at::kInt) f(indices.data_ptr<int32_t>());
+  else f(indices.data_ptr<int64_t>());
+}
+
+at::Tensor gather_many_cpu(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts) {
+  auto firsts = firsts_of(weights, indices, counts);
+  auto out = at::empty({firsts.back()}, weights[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "gather_many", [&] {
+    auto w = pointers<scalar_t>(weights);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    dispatch_index(indices, [&](const auto* idx) {
+      for_each_indexed(firsts, idx, [&](int t, int64_t index, int64_t k) { o[k] = w[t][index]; }, prefetch(w));
+    });
+  });
+  return out;
+}
+
+at::Tensor scatter_apply_many_cpu(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts,
+                                  const at::Tensor& values, double scale, bool save_originals) {
+  auto firsts = firsts_of(weights, indices, counts);
+  TORCH_CHECK(values.is_contiguous() && values.numel() == firsts.back(), "values must be contiguous with one entry per index");
+  auto originals = at::empty({save_originals ? firsts.back() : 0}, weights[0].options());
+  const float s = static_cast<float>(scale);
+  const bool scaled = s != 1.0f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "scatter_apply_many", [&] {
+    using W = scalar_t;
+    auto w = pointers<W>(weights);
+    W* orig = save_originals ? originals.data_ptr<W>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "scatter_apply_many_values", [&] {
+      const scalar_t* v = values.data_ptr<scalar_t>();
+      dispatch_index(indices, [&](const auto* idx) {
+        for_each_indexed(firsts, idx, [&](int t, int64_t index, int64_t k) {
+          W& x = w[t][index];
+          if (orig) orig[k] = x;
+          x = add_scaled(x, v[k], s, scaled);
+        }, prefetch(w));
+      });
+    });
+  });
+  return originals;
+}
+
+void restore_many_cpu(at::TensorList weights, const at::Tensor& indices, at::IntArrayRef counts,
+                      const at::Tensor& originals) {
+  auto firsts = firsts_of(weights, indices, counts);
+  TORCH_CHECK(originals.is_contiguous() && originals.numel() == firsts.back() &&
+                  originals.scalar_type() == weights[0].scalar_type(),
+              "originals must hold one weight-dtype entry per index");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "restore_many", [&] {
+    auto w = pointers<scalar_t>(weights);
+    const scalar_t* o = originals.data_ptr<scalar_t>();
+    dispatch_index(indices, [&](const auto* idx) {
+      for_each_indexed(firsts, idx, [&](int t, int64_t index, int64_t k) { w[t][index] = o[k]; }, prefetch(w));
+    });
+  });
+}
+
+// --- explicit supports, one tensor ------------------------------------------------------------------
+
 void check_explicit(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values) {
   TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
   TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 1, "indices must be 1-D int64");
@@ -250,4 +364,7 @@ TORCH_LIBRARY_IMPL(spra_tools, CPU, m) {
   m.impl("gather", &spra::gather_cpu);
   m.impl("scatter_apply", &spra::scatter_apply_cpu);
   m.impl("restore", &spra::restore_cpu);
+  m.impl("gather_many", &spra::gather_many_cpu);
+  m.impl("scatter_apply_many", &spra::scatter_apply_many_cpu);
+  m.impl("restore_many", &spra::restore_many_cpu);
 }

@@ -1,7 +1,9 @@
 """Attach / detach / swap on a live Llama-8B-shaped model, against PEFT's LoRA hot-swap and a reload.
 
 Random-init bf16 model on the GPU; two seeded adapters over all linear layers at 0.1 %. Prints one
-table (medians) and checks the base is bit-exact after many swaps.
+table (medians): attach and swap from Adapter objects (verified on every call), and swaps between
+staged adapters (verified once when staged, values and int32 offsets resident on the GPU); and
+checks the base is bit-exact after many swaps of each kind.
 
     python scripts/bench_live.py              # the H200 table
     python scripts/bench_live.py --tiny       # a smoke run on any machine
@@ -101,7 +103,37 @@ def main():
     while state["n"] < args.swaps and time.perf_counter() < t_end:
         swap()
     state["h"].detach()
+    swaps = state["n"]
     exact = all(torch.equal(bit_view(p), bit_view(base[n])) for n, p in model.named_parameters() if n in base)
+
+    # Staged: verified once; swaps between them do no verification and no host transfer.
+    rows.append(
+        (
+            "spra stage (verify + regenerate indices onto the GPU, once per adapter)",
+            timed(lambda: spra_tools.stage(model, a), 3),
+        )
+    )
+    staged = {"a": spra_tools.stage(model, a), "b": spra_tools.stage(model, b)}
+    h = spra_tools.attach(model, staged["a"])
+    rows.append(("staged detach + re-attach, kernels only", timed(lambda: (h._restore(), h._apply()), args.repeat)))
+    state = {"h": h, "n": 0, "next": "b"}
+
+    def staged_swap():
+        state["h"] = spra_tools.swap(state["h"], staged[state["next"]])
+        state["next"] = "a" if state["next"] == "b" else "b"
+        state["n"] += 1
+
+    rows.append(("spra swap between staged adapters (restore old + apply new)", timed(staged_swap, args.repeat)))
+    t_end = time.perf_counter() + 30
+    while state["n"] < args.swaps and time.perf_counter() < t_end:
+        staged_swap()
+    state["h"].detach()
+    staged_exact = all(
+        torch.equal(p.detach().view(torch.int16), base[n].view(torch.int16))
+        for n, p in model.named_parameters()
+        if n in base
+    )
+    staged_swaps = state["n"]
 
     # Reloading: the adapted weights copied back from host memory (a lower bound on reloading the model).
     host = {n: t.cpu() for n, t in base.items()}
@@ -152,7 +184,10 @@ def main():
     print("| what | median |\n|---|---|")
     for what, t in rows:
         print(f"| {what} | {t * 1e3:.2f} ms |")
-    print(f"\nbase bit-exact after {state['n']} swaps and a final detach: {exact}")
+    print(f"\nbase bit-exact after {swaps} swaps and a final detach: {exact}")
+    print(f"base bit-exact after {staged_swaps} staged swaps and a final detach: {staged_exact}")
+    held = staged["a"].nbytes
+    print(f"a staged adapter holds {held / 2**20:.1f} MiB on the device ({held / a.num_values:.1f} bytes per value)")
 
 
 if __name__ == "__main__":

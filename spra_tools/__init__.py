@@ -26,6 +26,8 @@ _LAZY = {
     "attach": "live",
     "attached": "live",
     "swap": "live",
+    "stage": "live",
+    "Staged": "live",
     "load_model": "live",
     "Handle": "live",
     "MultiAdapter": "multi",

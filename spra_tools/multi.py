@@ -31,7 +31,7 @@ from torch import nn
 from . import ops
 from .adapter import Adapter
 from .errors import SpraError
-from .live import _load, _prepare
+from .live import as_adapter, prepare
 from .ops.sparse import block_offsets, num_blocks, seeded_block_counts, transpose_indices
 from .support import SeededSupport, as_int64, tensor_key
 
@@ -107,7 +107,7 @@ class MultiAdapter:
             raise SpraError(f"adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
         if name in self._residents:
             raise SpraError(f"an adapter named {name!r} is already loaded (unload it first)")
-        adapter = _load(adapter_or_path)
+        adapter = as_adapter(adapter_or_path)
         where = adapter_or_path if isinstance(adapter_or_path, (str, os.PathLike)) else None
         staged = self._stage(adapter, where)
         slot = self._free_slot()
@@ -188,7 +188,7 @@ class MultiAdapter:
                 "per row: attach it in place or merge it",
                 where,
             )
-        handle = _prepare(self.model, adapter, 1.0, where)  # fingerprints: a wrong base raises here
+        handle = prepare(self.model, adapter, 1.0, where)  # fingerprints: a wrong base raises here
         params = dict(self.model.named_parameters(remove_duplicate=False))
         staged: dict[torch.device, _Staged] = {}
         for g in handle.groups:

@@ -127,6 +127,116 @@ def test_seeded_apply_gather_restore_match_the_reference(device, dtype, values_d
     assert torch.equal(bit_view(ops.gather_seeded(weights, sups)), bit_view(original))
 
 
+# Shapes whose sizes are no multiple of 2**16 (a short last block), and one of exactly two blocks.
+_SHAPES = [(3, 70_001), (131_077,), (1000, 65), (7,), (2, 65536)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype,values_dtype,scale",
+    [
+        (torch.bfloat16, torch.bfloat16, 1.0),
+        (torch.float16, torch.float32, -0.37),
+        (torch.float32, torch.bfloat16, 2.5),
+    ],
+)
+# 1e-4 .. 1e-3: the direct permutation; 3e-3 and 1 %: its tabled round function; 5 %: dense blocks.
+@pytest.mark.parametrize("density", [1e-4, 1e-3, 3e-3, 0.01, 0.05])
+def test_seeded_ops_across_densities_and_ragged_shapes(device, dtype, values_dtype, scale, density):
+    gen = _gen("ragged", str(dtype), density)
+    weights = [torch.randn(s, generator=gen).to(dtype).to(device) for s in _SHAPES]
+    sups = [SeededSupport(3, f"r{i}", w.numel(), density) for i, w in enumerate(weights)]
+    keys, densities = [as_int64(tensor_key(s.seed, s.name)) for s in sups], [s.density for s in sups]
+    values = torch.randn(sum(s.count for s in sups), generator=gen).to(values_dtype).to(device)
+    expected = [w.clone() for w in weights]
+    original = ops.apply_seeded(weights, sups, values, scale)
+    expected_original = DEFAULTS["seeded_apply"](expected, keys, densities, values, scale, True)
+    assert torch.equal(bit_view(original), bit_view(expected_original))
+    assert all(torch.equal(bit_view(w), bit_view(e)) for w, e in zip(weights, expected))
+    assert torch.equal(
+        bit_view(ops.gather_seeded(weights, sups)), bit_view(DEFAULTS["seeded_gather"](expected, keys, densities))
+    )
+    assert np.array_equal(ops.indices_many(sups, device).cpu().numpy(), np.concatenate([s.indices() for s in sups]))
+    ops.restore_seeded(weights, sups, original)
+    assert torch.equal(bit_view(ops.gather_seeded(weights, sups)), bit_view(original))
+
+
+def _many_case(device, dtype, key):
+    """Weights (one with an empty support) and sorted random flat indices for each."""
+    gen = _gen("many", key)
+    shapes = [(257, 33), (5,), (70_001,), (40, 40)]
+    weights = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+    counts = [2000, 0, 3000, 1600]  # the last: every element of its tensor
+    indices = torch.cat([torch.randperm(w.numel(), generator=gen)[:c].sort().values for w, c in zip(weights, counts)])
+    return weights, indices.to(device), counts, gen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("values_dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_many_ops_match_the_reference(device, dtype, values_dtype, index_dtype):
+    weights, indices, counts, gen = _many_case(device, dtype, (str(dtype), str(values_dtype), str(index_dtype)))
+    indices = indices.to(index_dtype)
+    values = torch.randn(indices.numel(), generator=gen).to(values_dtype).to(device)
+    expected = [w.clone() for w in weights]
+    before = [w.clone() for w in weights]
+    assert torch.equal(
+        bit_view(ops.gather_many(weights, indices, counts)),
+        bit_view(DEFAULTS["gather_many"](expected, indices, counts)),
+    )
+    for scale in (1.0, -0.37):
+        original = ops.scatter_apply_many(weights, indices, counts, values, scale)
+        expected_original = DEFAULTS["scatter_apply_many"](expected, indices, counts, values, scale, True)
+        assert torch.equal(bit_view(original), bit_view(expected_original))
+        assert all(torch.equal(bit_view(w), bit_view(e)) for w, e in zip(weights, expected))
+        ops.restore_many(weights, indices, counts, original)
+        DEFAULTS["restore_many"](expected, indices, counts, expected_original)
+        assert all(torch.equal(bit_view(w), bit_view(b)) for w, b in zip(weights, before))
+    assert ops.scatter_apply_many(weights, indices, counts, values, save_originals=False).numel() == 0
+    DEFAULTS["scatter_apply_many"](expected, indices, counts, values, 1.0, False)
+    assert all(torch.equal(bit_view(w), bit_view(e)) for w, e in zip(weights, expected))
+
+
+@pytest.mark.parametrize(
+    "tuning", ["threads=64,tile=1024,unroll=1", "threads=128,unroll=8", "threads=512,tile=16384,unroll=3"]
+)
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_launch_shapes_give_the_same_results(tuning, monkeypatch):
+    """SPRA_TOOLS_KERNEL_TUNING changes how the work is cut, never the result."""
+    if extension.load("cuda") != "ok":
+        pytest.skip("cuda extension unavailable")
+    monkeypatch.setenv("SPRA_TOOLS_BACKEND", "cuda")
+    gen = _gen("tuning", tuning)
+    weights = [torch.randn(s, generator=gen).to(torch.bfloat16).cuda() for s in _SHAPES]
+    outputs = {}
+    for spec in ("", tuning):
+        monkeypatch.setenv("SPRA_TOOLS_KERNEL_TUNING", spec)
+        for density in (1e-4, 3e-3, 0.012):
+            sups = [SeededSupport(4, f"t{i}", w.numel(), density) for i, w in enumerate(weights)]
+            values = torch.randn(sum(s.count for s in sups), generator=_gen(density)).to(torch.bfloat16).cuda()
+            work = [w.clone() for w in weights]
+            original = ops.apply_seeded(work, sups, values, 0.5)
+            idx = ops.indices_many(sups, "cuda")
+            staged = ops.scatter_apply_many(work, idx.to(torch.int32), [s.count for s in sups], values)
+            outputs[spec, density] = [bit_view(original), bit_view(staged), idx, *map(bit_view, work)]
+    for density in (1e-4, 3e-3, 0.012):
+        assert all(torch.equal(a, b) for a, b in zip(outputs["", density], outputs[tuning, density]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bad_launch_shape_is_refused(monkeypatch):
+    if extension.load("cuda") != "ok":
+        pytest.skip("cuda extension unavailable")
+    monkeypatch.setenv("SPRA_TOOLS_BACKEND", "cuda")
+    monkeypatch.setenv("SPRA_TOOLS_KERNEL_TUNING", "threads=100")
+    w = torch.randn(70_000, device="cuda")
+    with pytest.raises(RuntimeError, match="SPRA_TOOLS_KERNEL_TUNING"):
+        ops.gather_seeded([w], [SeededSupport(1, "w", w.numel(), 0.01)])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("values_dtype", DTYPES)
@@ -154,6 +264,11 @@ def test_empty_supports_and_empty_index_lists(device):
     assert original.numel() == 0 and torch.equal(w, before)
     ops.scatter_apply(w, torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, device=device))
     assert torch.equal(w, before)
+    none = torch.empty(0, dtype=torch.int32, device=device)
+    assert ops.scatter_apply_many([w, w[:2]], none, [0, 0], torch.empty(0, device=device)).numel() == 0
+    assert ops.gather_many([w], none, [0]).numel() == 0
+    ops.restore_many([w], none, [0], torch.empty(0, device=device))
+    assert torch.equal(w, before)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,6 +291,11 @@ def test_opcheck(device):
     opcheck(torch.ops.spra_tools.gather, (w, idx), test_utils=tests)
     opcheck(torch.ops.spra_tools.scatter_apply, (w, idx, v, 1.0), test_utils=tests)
     opcheck(torch.ops.spra_tools.restore, (w, idx, w.reshape(-1)[idx].clone()), test_utils=tests)
+    many = ([w, w.clone()], torch.cat([idx, idx[:-1]]).to(torch.int32), [idx.numel(), idx.numel() - 1])
+    opcheck(torch.ops.spra_tools.gather_many, many, test_utils=tests)
+    both = torch.cat([v, v[:-1]])
+    opcheck(torch.ops.spra_tools.scatter_apply_many, (*many, both, 0.5, True), test_utils=tests)
+    opcheck(torch.ops.spra_tools.restore_many, (*many, both.to(w.dtype)), test_utils=tests)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,7 +14,7 @@ from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.dtypes import bit_view
-from spra_tools.errors import MismatchError
+from spra_tools.errors import MismatchError, SpraError
 from spra_tools.surgery import apply_adapter, create_adapter
 from spra_tools.testing import build_tiny_model
 
@@ -180,3 +180,78 @@ def test_attach_on_fp16_and_fp32_bases(tmp_path, dtype):
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype)
         assert _same(model, _snapshot(merged))
     assert _same(model, base)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_staged_swaps_are_exact_and_equal_a_fresh_attach(llama, tmp_path, device):
+    base_dir = llama / "base"
+    apply_adapter(open_checkpoint(base_dir), [("a", Adapter.load(llama / "a.spra"))], tmp_path / "tuned")
+    explicit, _ = diff_checkpoints(open_checkpoint(base_dir), open_checkpoint(tmp_path / "tuned"))
+    adapters = [Adapter.load(llama / "a.spra"), Adapter.load(llama / "b.spra"), explicit]
+    expected = []  # base + each adapter, attached the ordinary way to a fresh model
+    for a in adapters:
+        fresh = _model(llama).to(device)
+        spra_tools.attach(fresh, a, scale=0.5)
+        expected.append(_snapshot(fresh))
+    model = _model(llama).to(device)
+    base = _snapshot(model)
+    staged = [spra_tools.stage(model, a) for a in adapters]
+    assert _same(model, base)  # staging changes nothing
+    h = spra_tools.attach(model, staged[0], scale=0.5)
+    assert _same(model, expected[0])
+    for i in range(1, 61):
+        h = spra_tools.swap(h, staged[i % 3])
+        if i % 10 == 0 or i < 3:
+            assert _same(model, expected[i % 3]), i
+    h.detach()
+    assert _same(model, base)
+
+
+def test_staged_adapter_holds_values_and_int32_offsets(llama):
+    model = _model(llama)
+    a = Adapter.load(llama / "a.spra")
+    staged = spra_tools.stage(model, a)
+    assert all(g.indices.dtype == torch.int32 for g in staged.groups)
+    assert staged.nbytes == a.num_values * (2 + 4)  # bf16 value + int32 offset each
+
+
+def test_staging_against_a_wrong_base_is_refused(llama, tmp_path):
+    build_tiny_model("llama", tmp_path / "other", torch.bfloat16, seed=7)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "other", dtype=torch.bfloat16)
+    before = _snapshot(model)
+    with pytest.raises(MismatchError, match="fingerprint"):
+        spra_tools.stage(model, llama / "a.spra")
+    assert _same(model, before) and not getattr(model, "_spra_handles", [])
+
+
+def test_staged_while_attached_verifies_against_the_base(llama):
+    """Staged while `a` is attached (overlapping supports): checked against the base, not base + a."""
+    a = _adapter(llama / "base", 21, density=0.3, values_seed=1)
+    b = _adapter(llama / "base", 22, density=0.3, values_seed=2)
+    fresh = _model(llama)
+    spra_tools.attach(fresh, b)
+    model = _model(llama)
+    h = spra_tools.attach(model, a)
+    h = spra_tools.swap(h, spra_tools.stage(model, b))
+    assert _same(model, _snapshot(fresh))
+
+
+def test_staged_adapter_is_refused_by_another_or_a_converted_model(llama):
+    model = _model(llama)
+    staged = spra_tools.stage(model, llama / "a.spra")
+    other = _model(llama)
+    with pytest.raises(SpraError, match="another model"):
+        spra_tools.attach(other, staged)
+    model.to(torch.float32)
+    before = _snapshot(model)
+    with pytest.raises(SpraError, match="moved"):
+        spra_tools.attach(model, staged)
+    assert _same(model, before) and not model._spra_handles

@@ -88,7 +88,15 @@ def _op(name: str, device) -> Callable:
     return functools.partial(_run_on, op, torch.device(backend), name in _MUTATING)
 
 
-_MUTATING = {"seeded_apply", "seeded_restore", "scatter_apply", "restore", "sparse_addmm"}  # their first argument
+_MUTATING = {
+    "seeded_apply",
+    "seeded_restore",
+    "scatter_apply",
+    "restore",
+    "scatter_apply_many",
+    "restore_many",
+    "sparse_addmm",
+}  # their first argument
 
 
 def _run_on(op, device: torch.device, mutates: bool, *args):
@@ -184,6 +192,54 @@ def restore(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor)
     if original.dtype != weight.dtype:
         raise ValueError(f"restore needs originals in the weight dtype {weight.dtype}, got {original.dtype}")
     _op("restore", weight.device)(weight, indices, original)
+
+
+def gather_many(weights: list[torch.Tensor], indices: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every weight at its indices, flat in tensor order — one launch for all tensors.
+
+    `indices` holds each tensor's flat indices (int64, or int32 where every numel fits), the
+    first counts[0] for weights[0] and so on."""
+    _check_many(weights, indices, counts, None)
+    return _op("gather_many", weights[0].device)(weights, indices, counts)
+
+
+def scatter_apply_many(
+    weights: list[torch.Tensor],
+    indices: torch.Tensor,
+    counts: list[int],
+    values: torch.Tensor,
+    scale: float = 1.0,
+    save_originals: bool = True,
+) -> torch.Tensor:
+    """scatter_apply for many tensors in one launch (indices as in gather_many); returns the
+    originals (flat, weight dtype) for an exact `restore_many`, or an empty tensor."""
+    _check_many(weights, indices, counts, values)
+    return _op("scatter_apply_many", weights[0].device)(weights, indices, counts, values, float(scale), save_originals)
+
+
+def restore_many(
+    weights: list[torch.Tensor], indices: torch.Tensor, counts: list[int], originals: torch.Tensor
+) -> None:
+    """In place: put back the originals returned by scatter_apply_many — bit-exact."""
+    _check_many(weights, indices, counts, originals)
+    if originals.dtype != weights[0].dtype:
+        raise ValueError(f"restore_many needs originals in the weight dtype {weights[0].dtype}, got {originals.dtype}")
+    _op("restore_many", weights[0].device)(weights, indices, counts, originals)
+
+
+def _check_many(weights, indices: torch.Tensor, counts, values) -> None:
+    # The weights themselves (contiguous, one dtype and device) are checked by every kernel: this
+    # runs on each swap of a staged adapter, where a Python loop over hundreds of tensors would show.
+    if not weights or len(counts) != len(weights):
+        raise ValueError("need one count per weight, and at least one weight")
+    w0 = weights[0]
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or indices.device != w0.device:
+        raise ValueError("indices must be 1-D int32 or int64 on the weights' device")
+    total = sum(counts)
+    if indices.numel() != total or (
+        values is not None and (values.shape != indices.shape or values.device != w0.device)
+    ):
+        raise ValueError(f"need sum(counts) = {total} indices and as many values on the weights' device")
 
 
 def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:

@@ -24,6 +24,10 @@ _SCHEMAS = {
     "gather": "(Tensor weight, Tensor indices) -> Tensor",
     "scatter_apply": "(Tensor(a!) weight, Tensor indices, Tensor values, float scale) -> ()",
     "restore": "(Tensor(a!) weight, Tensor indices, Tensor original) -> ()",
+    "gather_many": "(Tensor[] weights, Tensor indices, int[] counts) -> Tensor",
+    "scatter_apply_many": "(Tensor(a!)[] weights, Tensor indices, int[] counts, Tensor values, float scale, "
+    "bool save_originals) -> Tensor",
+    "restore_many": "(Tensor(a!)[] weights, Tensor indices, int[] counts, Tensor originals) -> ()",
     "sampled_grad": "(Tensor a, Tensor b, Tensor indices) -> Tensor",
     "sampled_grad_tiled": "(Tensor a, Tensor b, Tensor indices, Tensor order, Tensor tile_starts, int tile_rows, "
     "int tile_cols) -> Tensor",
@@ -114,6 +118,30 @@ def _restore(weight, indices, original):
     reference.restore(weight, indices, original)
 
 
+def _segments(indices, counts) -> list[torch.Tensor]:
+    """The per-tensor int64 index segments of a *_many call's flat `indices`."""
+    return list(indices.to(torch.int64).split(list(counts)))
+
+
+@_default("gather_many")
+def _gather_many(weights, indices, counts):
+    return torch.cat([reference.gather(w, i) for w, i in zip(weights, _segments(indices, counts))])
+
+
+@_default("scatter_apply_many")
+def _scatter_apply_many(weights, indices, counts, values, scale, save_originals):
+    originals = _gather_many(weights, indices, counts) if save_originals else weights[0].new_empty(0)
+    for w, i, v in zip(weights, _segments(indices, counts), values.split(list(counts))):
+        reference.scatter_apply(w, i, v, scale)
+    return originals
+
+
+@_default("restore_many")
+def _restore_many(weights, indices, counts, originals):
+    for w, i, o in zip(weights, _segments(indices, counts), originals.split(list(counts))):
+        reference.restore(w, i, o)
+
+
 @_default("sampled_grad")
 def _sampled_grad(a, b, indices):
     return reference.sampled_grad(a, b, indices)
@@ -175,6 +203,21 @@ def _(weight, indices, values, scale):
 
 @torch.library.register_fake(f"{NS}::restore")
 def _(weight, indices, original):
+    return None
+
+
+@torch.library.register_fake(f"{NS}::gather_many")
+def _(weights, indices, counts):
+    return weights[0].new_empty(sum(counts))
+
+
+@torch.library.register_fake(f"{NS}::scatter_apply_many")
+def _(weights, indices, counts, values, scale, save_originals):
+    return weights[0].new_empty(sum(counts) if save_originals else 0)
+
+
+@torch.library.register_fake(f"{NS}::restore_many")
+def _(weights, indices, counts, originals):
     return None
 
 
