@@ -20,6 +20,7 @@ All integer arithmetic is modulo 2**64.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a pure function, hashed byte by byte in Python: ~5 us a name
 def tensor_key(seed: int, name: str) -> int:
     """The 64-bit key of one tensor's support: mixes the seed with the tensor's UTF-8 name."""
     check_seed(seed)

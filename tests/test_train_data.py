@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -459,6 +460,44 @@ def test_batches_ranks_slice_the_global_batch():
     one = Batches(data, 4, seed=3, pad_id=0, task="causal-lm")
     one.load_state_dict(two.state_dict())
     assert same(take(one, 3), single[3:])
+
+
+def ragged(n: int, seed: int = 0) -> TokenizedData:
+    """Example i is token i + 10 repeated a random 1..40 times."""
+    rng = np.random.default_rng(seed)
+    ids = [[i + 10] * int(rng.integers(1, 41)) for i in range(n)]
+    return TokenizedData(ids, [list(x) for x in ids], None, n, 0, sum(map(len, ids)), 0)
+
+
+def test_grouped_batches_pad_less_and_keep_every_promise():
+    data = ragged(1000)
+    kw = dict(seed=4, pad_id=0, task="causal-lm")
+
+    def padding(batches):
+        return 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["input_ids"].numel() for b in batches)
+
+    plain, grouped = take(Batches(data, 8, **kw), 125), take(Batches(data, 8, group_by_length=True, **kw), 125)
+    assert padding(grouped) < 0.1 < 0.4 < padding(plain)
+    epoch = sorted(i for b in grouped for i in examples_of(b))
+    assert epoch == list(range(1000))  # one epoch still serves every example once
+    again = Batches(data, 8, group_by_length=True, **kw)
+    assert same(take(again, 125), grouped)  # seeded
+    nxt = take(again, 125)  # the next epoch: another order
+    assert [examples_of(b) for b in nxt] != [examples_of(b) for b in grouped]
+    ranks = [take(Batches(data, 4, group_by_length=True, rank=r, world_size=2, **kw), 125) for r in (0, 1)]
+    for whole, a, b in zip(grouped, *ranks):  # global batches independent of the process count
+        assert examples_of(whole) == examples_of(a) + examples_of(b)
+    first = Batches(data, 8, group_by_length=True, **kw)
+    take(first, 70)
+    resumed = Batches(data, 8, group_by_length=True, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert same(take(resumed, 100), take(first, 100))
+
+
+def test_batches_pad_to_a_multiple():
+    (batch,) = take(Batches(numbered(6), 3, seed=0, pad_id=0, task="causal-lm", shuffle=False, pad_to=8), 1)
+    assert batch["input_ids"].shape == (3, 8) and batch["attention_mask"][:, 3:].sum() == 0
+    assert bool((batch["labels"][:, 3:] == IGNORE).all())
 
 
 def test_batches_need_one_global_batch():

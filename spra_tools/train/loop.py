@@ -143,6 +143,26 @@ class _Run:
     batches: Batches
     forward: torch.nn.Module  # sm, or its DDP wrapper
     total: int  # optimizer steps of the run
+    padding_free: bool  # batches go to the model without their attention mask (see `_padding_free`)
+    pad_to: int  # batch lengths are rounded up to a multiple of this
+    pending: _StepLog | None = None  # the last step, logged once the next one is queued
+
+
+@dataclass
+class _StepLog:
+    """What the log says of one step; its tensors are read only after the next step is queued, so
+    the host never waits for the GPU mid-run."""
+
+    step: int
+    loss: torch.Tensor
+    lr: float
+    counts: torch.Tensor | tuple[int, int]  # (tokens, tokens computed): all ranks, on the device under DDP
+    grad_norm: torch.Tensor | None
+
+    def write(self, monitor: Monitor) -> None:
+        tokens, computed = (int(c) for c in self.counts)
+        norm = None if self.grad_norm is None else float(self.grad_norm)
+        monitor.log_train(self.step, float(self.loss), self.lr, tokens, norm, computed)
 
 
 def _preflight(config: TrainConfig, dist: _Dist) -> None:
@@ -183,8 +203,10 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     model = _load_model(config, base_dir, device, train_data.id2label, tokenizer.pad_token_id)
     sm = _sparse_model(config, model)
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
+    pad_to = 8 if config.max_length % 8 == 0 else 1  # never past --max-length
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
-                      rank=dist.rank, world_size=dist.world)  # fmt: skip
+                      rank=dist.rank, world_size=dist.world, group_by_length=config.group_by_length,
+                      pad_to=pad_to)  # fmt: skip
     total = config.total_steps(batches.steps_per_epoch)
     forward = sm
     if dist.world > 1:
@@ -195,7 +217,24 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     echo(f"model: {len(list(sm.sites()))} tensors adapted, {n_values:,} trainable values; {total} steps on {device}"
          + (f" x {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     return _Run(config, dist, device, tokenizer.pad_token_id, train_data, eval_data, sm, optimizer, batches,
-                forward, total)  # fmt: skip
+                forward, total, _padding_free(config, model), pad_to)  # fmt: skip
+
+
+def _padding_free(config: TrainConfig, model) -> bool:
+    """Whether causal-LM batches may drop their attention mask. They are right-padded, and in a
+    decoder a position sees only those before it, so no real token ever attends to padding and the
+    padded positions carry no loss: the losses and gradients are those of the masked batch. Without
+    a mask, transformers runs causal attention (SDPA's flash kernel) instead of a masked kernel,
+    which for ragged batches is several times slower."""
+    return config.task == "causal-lm" and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on `device`; from pinned memory without blocking the host (a pageable copy would
+    wait for every kernel queued before it)."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _load_data(config: TrainConfig, tokenizer, echo) -> tuple[TokenizedData, TokenizedData | None]:
@@ -254,20 +293,25 @@ def _start(run: _Run, echo) -> RunState:
     return RunState(position=run.batches.state_dict())
 
 
-def _step(run: _Run, state: RunState, monitor: Monitor) -> None:
-    """One optimizer step (grad_accum micro-batches); advances `state` and logs the step."""
+def _step(run: _Run, state: RunState) -> _StepLog:
+    """One optimizer step (grad_accum micro-batches), queued without waiting for the GPU; advances
+    `state` and returns what the log says of it."""
     config, dist = run.config, run.dist
     step = state.step
     torch.manual_seed(_step_seed(config.seed, step))  # dropout etc.: the same at each step on resume
-    loss_sum, tokens = torch.zeros((), device=run.device), 0
+    loss_sum, tokens, computed = torch.zeros((), device=run.device), 0, 0
     for micro in range(config.grad_accum):
-        batch = {k: v.to(run.device) for k, v in next(run.batches).items()}
+        batch = next(run.batches)
+        mask = batch["attention_mask"]
+        tokens, computed = tokens + int(mask.sum()), computed + mask.numel()  # counted on the host
+        if run.padding_free:
+            del batch["attention_mask"]
+        batch = _to_device(batch, run.device)
         sync = micro == config.grad_accum - 1 or dist.world == 1
         with _no_sync(run.forward, not sync):
             loss = run.forward(**batch).loss / config.grad_accum
             loss.backward()
         loss_sum += loss.detach()
-        tokens += int(batch["attention_mask"].sum())
     lr = lr_at(step, run.total, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -276,15 +320,25 @@ def _step(run: _Run, state: RunState, monitor: Monitor) -> None:
     # The data position of the last completed step: what a checkpoint saves (a Ctrl-C mid-step
     # resumes at this step's start).
     state.step, state.position = step + 1, run.batches.state_dict()
-    if dist.world > 1:
+    counts: torch.Tensor | tuple[int, int] = (tokens, computed)
+    if dist.world > 1:  # all ranks' counts: known once the all-reduce is read (`_log_pending`)
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= dist.world
-        tokens_t = torch.tensor(tokens, device=run.device)
-        torch.distributed.all_reduce(tokens_t)
-        tokens = int(tokens_t)
-    state.tokens += tokens
-    norm = run.optimizer.last_grad_norm
-    monitor.log_train(state.step, float(loss_sum), lr, tokens, None if norm is None else float(norm))
+        counts = _to_device({"c": torch.tensor([tokens, computed])}, run.device)["c"]
+        torch.distributed.all_reduce(counts)
+    else:
+        state.tokens += tokens
+    return _StepLog(state.step, loss_sum, lr, counts, run.optimizer.last_grad_norm)
+
+
+def _log_pending(run: _Run, monitor: Monitor, state: RunState) -> None:
+    """Write the step waiting to be logged (its values are ready by now, or are waited for)."""
+    if run.pending is None:
+        return
+    if run.dist.world > 1:
+        state.tokens += int(run.pending.counts[0])
+    run.pending.write(monitor)
+    run.pending = None
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -316,6 +370,14 @@ def _due(every: int | None, step: int) -> bool:
     return every is not None and step % every == 0
 
 
+def _at_boundary(run: _Run, state: RunState) -> bool:
+    """Whether an evaluation or a checkpoint follows this step (they wait for the GPU anyway, and the
+    log should read in order)."""
+    config = run.config
+    evaluating = run.eval_data is not None and _due(config.eval_every, state.step)
+    return evaluating or bool(config.checkpoint_dir and _due(config.checkpoint_every, state.step))
+
+
 def _checkpoint(run: _Run, state: RunState) -> None:
     if run.dist.main:
         checkpoints.save(run.config.checkpoint_dir, run.config.run_settings(), state, run.sm, run.optimizer)
@@ -334,7 +396,11 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
             monitor.log_eval(0, state.baseline, baseline=True)
         try:
             while state.step < run.total:
-                _step(run, state, monitor)
+                logged = _step(run, state)
+                _log_pending(run, monitor, state)  # the step before, done or nearly: no GPU bubble
+                run.pending = logged
+                if on_step is not None or _at_boundary(run, state):
+                    _log_pending(run, monitor, state)
                 if _evaluate_if_due(run, state, monitor, echo):
                     stopped_early = True
                     break
@@ -344,6 +410,7 @@ def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> d
                     on_step(state.step)
         except KeyboardInterrupt:
             interrupted = True
+        _log_pending(run, monitor, state)
         if interrupted:
             if config.checkpoint_dir:
                 _checkpoint(run, state)
@@ -413,8 +480,10 @@ def _evaluate(run: _Run) -> dict:
     was_training = model.training
     model.eval()
     loss_sum, weight, predictions, labels = 0.0, 0, [], []
-    for batch in eval_batches(data, config.batch_size, run.pad_id, config.task):
-        batch = {k: v.to(run.device) for k, v in batch.items()}
+    for batch in eval_batches(data, config.batch_size, run.pad_id, config.task, run.pad_to):
+        if run.padding_free:
+            del batch["attention_mask"]
+        batch = _to_device(batch, run.device)
         out = model(**batch)
         if config.task == "seq-cls":
             n = batch["labels"].numel()

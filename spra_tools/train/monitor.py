@@ -50,6 +50,7 @@ class Monitor:
         self.start_step = resume_step or 0
         self.step = self.start_step
         self.tokens = 0  # logged since this Monitor started (so after the resume, if any)
+        self.computed = 0  # the same, padding included
         self.best: dict | None = None  # {"metric", "value", "step"}
         if best is not None:
             step, metrics = best
@@ -100,13 +101,17 @@ class Monitor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def log_train(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None = None) -> None:
-        """Record optimizer step `step` (1-based): its loss, learning rate, tokens (all ranks together)
-        and, if clipping computed it, the gradient norm before clipping."""
+    def log_train(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None = None,
+                  computed: int | None = None) -> None:  # fmt: skip
+        """Record optimizer step `step` (1-based): its loss, learning rate, tokens (all ranks together;
+        `computed` counts the padding too) and, if clipping computed it, the gradient norm before clipping."""
         loss, lr, tokens = float(loss), float(lr), int(tokens)
         self.tokens += tokens
         advance, self.step = step - self.step, step
         record = {"loss": loss, "lr": lr, "tokens": tokens}
+        if computed is not None:
+            self.computed += int(computed)
+            record["computed_tokens"] = int(computed)
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         self._write(step, "train", record)
@@ -174,6 +179,7 @@ class Monitor:
             "tokens": self.tokens,
             "wall_time_s": wall,
             "tokens_per_s": self.tokens / wall if wall > 0 else 0.0,
+            "padding": 1 - self.tokens / self.computed if self.computed else None,
             "peak_memory_bytes": memory,
             "peak_memory_kind": memory_kind,
             "adapter": adapter,
@@ -189,6 +195,8 @@ class Monitor:
             f"wall time:    {_duration(wall)}",
             f"throughput:   {info['tokens_per_s']:,.0f} tokens/s",
         ]
+        if info["padding"] is not None:
+            lines.append(f"padding:      {info['padding']:.1%} of the tokens computed")
         if memory is not None:
             kind = "CUDA allocated" if memory_kind == "cuda" else "process RSS"
             lines.append(f"peak memory:  {human_size(memory)} ({kind})")
