@@ -92,7 +92,8 @@ def merge_adapters(
             "the fingerprints of the smaller support need the base weights: add --base BASE, the checkpoint the "
             "adapters were made on"
         )
-    _check_bases(adapters, names)
+    if base is None:  # with a base, every adapter is verified against it below
+        _check_bases(adapters, names)
     for i, a in enumerate(adapters):
         refuse_nonfinite(a, _label(names, i), "merge")
     all_names = list(dict.fromkeys(t for a in adapters for t in a.deltas))
@@ -154,8 +155,9 @@ def _label(names, i: int) -> str:
 
 
 def _check_bases(adapters: list[Adapter], names) -> None:
-    """Recorded base identities must agree where present (name and whole-model numel)."""
-    for key in ("name", "numel"):
+    """Recorded base sizes must agree where present. Recorded names are only descriptive (one base
+    may be a Hub id, a local copy or a path spelled another way): the fingerprints decide."""
+    for key in ("numel",):
         seen = [(i, a.base[key]) for i, a in enumerate(adapters) if a.base.get(key) is not None]
         for i, value in seen[1:]:
             if value != seen[0][1]:
