@@ -76,6 +76,15 @@ class Adapter:
         """Elements of all adapted tensors (the denominator of the adapter's density)."""
         return sum(d.numel for d in self.deltas.values())
 
+    def with_values_dtype(self, dtype: torch.dtype) -> Adapter:
+        """The same adapter with its values stored in `dtype`; still `exact` only if no value changed."""
+        deltas, same = {}, True
+        for name, d in self.deltas.items():
+            values = d.values.to(dtype)
+            same = same and torch.equal(values.to(d.values.dtype), d.values)
+            deltas[name] = TensorDelta(d.name, d.shape, d.dtype, d.support, values, d.fingerprint)
+        return Adapter(deltas, dict(self.dense), self.base, self.task, self.provenance, self.exact and same)
+
     def check_finite(self, where: str | os.PathLike | None = None) -> None:
         for d in self.deltas.values():
             if not bool(torch.isfinite(d.values).all()):

@@ -459,9 +459,10 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
 @_density_option("Density of the new supports (default: the adapter's; inferred with --compact).")
 @click.option("--base", help="The base checkpoint: needed for the fingerprints of new supports.")
 @click.option("--compact", is_flag=True, help="Only store explicit supports that equal the seeded one as seeded.")
+@click.option("--values-dtype", type=VALUES_DTYPES, help="Store the values in this dtype (default: as they are).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_context
-def reseed(ctx, adapter, out, seed, density, base, compact, overwrite):
+def reseed(ctx, adapter, out, seed, density, base, compact, values_dtype, overwrite):
     """Move ADAPTER to the seeded supports of SEED (values kept where the supports meet).
 
     With its own seed and density this is the identity. --compact changes no values: it turns
@@ -476,6 +477,10 @@ def reseed(ctx, adapter, out, seed, density, base, compact, overwrite):
 
     check_output(out, overwrite)
     a = _load(adapter)
+    if values_dtype:
+        from .dtypes import TORCH_DTYPES
+
+        a = a.with_values_dtype(TORCH_DTYPES[SHORT_DTYPES[values_dtype]])
     if compact:
         result, changed = compact_adapter(a, seed, density, adapter)
         result.save(out, overwrite)

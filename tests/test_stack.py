@@ -114,6 +114,8 @@ def test_compact_restores_seeded_storage(base, tmp_path):
     )
     compacted, changed = compact_adapter(explicit, 6, 0.05)
     assert changed == len(a.deltas)
+    assert compacted.provenance == {"method": "compact", "seed": 6, "density": 0.05, "parent": a.provenance}
+    compacted.provenance = a.provenance  # the record of the step aside, the storage is the seeded file's
     compacted.save(tmp_path / "compacted.spra")
     assert (tmp_path / "compacted.spra").read_bytes() == (tmp_path / "seeded.spra").read_bytes()
     assert compact_adapter(explicit, 7, 0.05)[1] == 0  # another seed: nothing matches
@@ -156,6 +158,7 @@ def test_compact_infers_each_tensors_density(tmp_path):
     assert any(d.numel > 2**16 and d.count / d.numel != 0.05 for d in mlp.deltas.values())
     compacted, changed = compact_adapter(_as_explicit(seeded), 6)
     assert changed == len(seeded.deltas)
+    compacted.provenance = seeded.provenance
     compacted.save(tmp_path / "compacted.spra")
     assert (tmp_path / "compacted.spra").read_bytes() == (tmp_path / "seeded.spra").read_bytes()
     assert compact_adapter(_as_explicit(seeded), 7)[1] == 0  # another seed: densities fit, indices do not
@@ -170,3 +173,16 @@ def test_seeded_density_reproduces_every_seeded_support(numel, density):
     assert np.array_equal(SeededSupport(3, "t", numel, inferred).indices(), support.indices())
     places = [-Decimal(repr(x)).as_tuple().exponent for x in (inferred, density)]
     assert places[0] <= places[1]  # the shortest decimal that fits
+
+
+def test_with_values_dtype_keeps_exact_only_when_nothing_rounds(base):
+    a = _random_values(create_adapter(open_checkpoint(base / "base"), 0.05, 6, ["vo"], values_dtype="F32"), 6)
+    a.exact = True
+    half = a.with_values_dtype(torch.bfloat16)
+    assert all(d.values.dtype == torch.bfloat16 for d in half.deltas.values()) and not half.exact
+    back = half.with_values_dtype(torch.float32)  # bf16 values are exact in fp32
+    assert back.exact is False and all(
+        torch.equal(back.deltas[n].values, half.deltas[n].values.float()) for n in a.deltas
+    )
+    again = a.with_values_dtype(torch.float32)
+    assert again.exact and all(torch.equal(again.deltas[n].values, a.deltas[n].values) for n in a.deltas)

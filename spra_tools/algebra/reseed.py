@@ -97,7 +97,8 @@ def compact_adapter(
                 d = TensorDelta(name, d.shape, d.dtype, candidate, d.values, d.fingerprint)
                 changed += 1
         deltas[name] = d
-    return Adapter(deltas, dict(adapter.dense), adapter.base, adapter.task, adapter.provenance, adapter.exact), changed
+    provenance = {"method": "compact", "seed": seed, "density": density, "parent": adapter.provenance}
+    return Adapter(deltas, dict(adapter.dense), adapter.base, adapter.task, provenance, adapter.exact), changed
 
 
 def seeded_density(d: TensorDelta) -> float | None:
