@@ -14,10 +14,6 @@
 //
 // Explicit ops (*_many): the same per-element work for indices given in global memory, one launch
 // for all tensors of a call (a pointer table); they also serve staged adapters.
-//
-// Launch shape (threads per CTA, support elements per tile, loads in flight per thread) has
-// defaults below; SPRA_TOOLS_KERNEL_TUNING="threads=256,tile=4096,unroll=4" overrides any of them,
-// read at every launch, so that a benchmark can compare shapes in one process.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,7 +25,6 @@
 #include <cub/block/block_scan.cuh>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "spra_common.h"
@@ -45,38 +40,16 @@ constexpr int kMaxUnroll = 8;
 constexpr int kBuckets = 64;        // of the counting sort
 constexpr int kTableBytes = kRounds << 8;
 
+// Launch shape of the tile and indexed kernels, chosen on an H200 among nine shapes (threads 128-512,
+// tiles of 1024-8192 elements, 2-8 loads in flight): this one was fastest or within 10 % of it for
+// attach, detach and gather at 0.1 % and 1 % (docs/BENCHMARKS.md).
 struct Tuning {
   int threads = 256;  // per CTA
   int tile = 4096;    // support elements a tile may hold (shared memory: 3 bytes each)
   int unroll = 4;     // element loads each thread issues before its stores
 };
 
-Tuning tuning() {
-  Tuning t;
-  const char* env = std::getenv("SPRA_TOOLS_KERNEL_TUNING");
-  if (!env || !*env) return t;
-  std::string spec(env);
-  size_t at = 0;
-  while (at < spec.size()) {
-    size_t comma = spec.find(',', at);
-    if (comma == std::string::npos) comma = spec.size();
-    const std::string item = spec.substr(at, comma - at);
-    const size_t eq = item.find('=');
-    TORCH_CHECK(eq != std::string::npos, "SPRA_TOOLS_KERNEL_TUNING: expected key=value, got '", item, "'");
-    const std::string key = item.substr(0, eq);
-    const int value = std::atoi(item.c_str() + eq + 1);
-    if (key == "threads") t.threads = value;
-    else if (key == "tile") t.tile = value;
-    else if (key == "unroll") t.unroll = value;
-    else TORCH_CHECK(false, "SPRA_TOOLS_KERNEL_TUNING: unknown key '", key, "' (threads, tile, unroll)");
-    at = comma + 1;
-  }
-  TORCH_CHECK(t.threads >= 64 && t.threads <= kMaxThreads && t.threads % 32 == 0,
-              "SPRA_TOOLS_KERNEL_TUNING: threads must be a multiple of 32 in [64, ", kMaxThreads, "]");
-  TORCH_CHECK(t.tile >= kTileMax && t.tile <= 16384, "SPRA_TOOLS_KERNEL_TUNING: tile must be in [", kTileMax, ", 16384]");
-  TORCH_CHECK(t.unroll >= 1 && t.unroll <= kMaxUnroll, "SPRA_TOOLS_KERNEL_TUNING: unroll must be in [1, ", kMaxUnroll, "]");
-  return t;
-}
+constexpr Tuning tuning() { return Tuning{}; }
 
 // Most support elements any block of the tensor holds: floor(d * L) + 1 for exact products, one
 // more for the rounding of the two products whose floors are subtracted.

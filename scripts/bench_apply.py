@@ -18,7 +18,6 @@ read-modify-write composite (index_add_, or select + add + copy), detach by inde
 only), gather by index_select. Random bf16 weights on the device; all linear layers.
 
     python scripts/bench_apply.py --device cuda                    # the H200 tables, 0.1 % and 1 %
-    python scripts/bench_apply.py --device cuda --tuning threads=256,tile=4096,unroll=4 threads=128,unroll=8
     python scripts/bench_apply.py --device cuda --profile          # each kernel once, for Nsight Compute
     python scripts/bench_apply.py --device cpu                     # a 2-core machine (4 layers: memory)
 """
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import time
 
@@ -36,8 +34,6 @@ from llama8b import linear_shapes  # noqa: E402  (scripts/ is on sys.path)
 
 from spra_tools import ops
 from spra_tools.support import SeededSupport, as_int64, tensor_key
-
-TUNING = "SPRA_TOOLS_KERNEL_TUNING"  # read by the CUDA kernels at every launch (cuda/spra_cuda.cu)
 
 
 def timed(fn, device, repeat: int) -> float:
@@ -90,7 +86,7 @@ class Setup:
 
 
 def our_rows(s: Setup, repeat: int) -> dict[str, float]:
-    """Our kernels at the current density and tuning: name -> median seconds."""
+    """Our kernels at the current density: name -> median seconds."""
     w, sup, d = s.weights, s.supports, s.device
     out = {"attach": timed(lambda: ops.apply_seeded(w, sup, s.values), d, repeat)}
     originals = ops.apply_seeded(w, sup, s.values)
@@ -109,7 +105,6 @@ def main():
     ap.add_argument("--layers", type=int, help="default: 32 on CUDA, 4 on CPU (memory)")
     ap.add_argument("--density", type=float, nargs="+", default=[0.001, 0.01])
     ap.add_argument("--repeat", type=int, default=50)
-    ap.add_argument("--tuning", nargs="*", default=[], help=f"CUDA launch shapes to compare ({TUNING} values)")
     ap.add_argument("--profile", action="store_true", help="run each kernel once (first density), for a profiler")
     args = ap.parse_args()
     device = args.device
@@ -123,8 +118,6 @@ def main():
     for density in args.density:
         s.at(density)
         table(s, args.repeat)
-        if args.tuning:
-            tunings(s, args.tuning, args.repeat)
         del s.values, s.indices, s.offsets
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -233,29 +226,6 @@ def anchors(s: Setup, repeat: int) -> tuple[float, float]:
             x[c[:, 0], c[:, 1]] = x[c[:, 0], c[:, 1]] + v
 
     return timed(index_add_loop, s.device, repeat), timed(advanced_index, s.device, max(3, repeat // 10))
-
-
-def tunings(s: Setup, specs: list[str], repeat: int) -> None:
-    """Our kernels under each launch shape, in one process (the variable is read at every launch)."""
-    saved = os.environ.get(TUNING)
-    results = {}
-    try:
-        for spec in specs:
-            os.environ[TUNING] = spec
-            results[spec] = our_rows(s, repeat)
-    finally:
-        if saved is None:
-            os.environ.pop(TUNING, None)
-        else:
-            os.environ[TUNING] = saved
-    cols = list(next(iter(results.values())))
-    best = {c: min(r[c] for r in results.values()) for c in cols}
-    print(f"\nLaunch shapes ({TUNING}), density {s.density:g}, ms (* = fastest in its column)\n")
-    print("| tuning | " + " | ".join(cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for spec, r in results.items():
-        cells = [f"{r[c] * 1e3:.3f}{'*' if r[c] == best[c] else ''}" for c in cols]
-        print(f"| {spec or 'default'} | " + " | ".join(cells) + " |")
 
 
 def profile(s: Setup, density: float) -> None:

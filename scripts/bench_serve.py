@@ -30,6 +30,7 @@ from llama8b import HIDDEN, INTERMEDIATE, KV, LAYERS  # noqa: E402  (scripts/ is
 import spra_tools
 from spra_tools import ops
 from spra_tools.adapter import Adapter, TensorDelta, dtype_name
+from spra_tools.fingerprint import fingerprint_many
 from spra_tools.multi import MultiAdapter
 from spra_tools.support import SeededSupport
 from spra_tools.targets import select
@@ -57,7 +58,7 @@ def make_adapters(model, count: int, density: float) -> list[Adapter]:
     for seed in range(count):
         supports = [SeededSupport(seed, n, w.numel(), density) for n, w in zip(names, weights)]
         base = ops.gather_seeded(weights, supports)
-        fps = ops.fingerprint_many(base, [s.count for s in supports])
+        fps = fingerprint_many(base, [s.count for s in supports])
         gen = torch.Generator(device=base.device).manual_seed(seed)
         values = (torch.randn(base.numel(), generator=gen, device=base.device) * 1e-3).to(torch.bfloat16).cpu()
         deltas, offset = {}, 0

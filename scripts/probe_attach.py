@@ -8,8 +8,7 @@ or runs out of time is recorded and the next one still runs (all share one deadl
 1. build    — `python -m spra_tools build-ext` with SPRA_TOOLS_BUILD_EXT=1 (a failed build is an error,
               and every later stage sets it too, so nothing silently falls back to the reference);
 2. tests    — `pytest -q -m cuda tests/test_kernels.py tests/test_ops.py tests/test_live.py`;
-3. apply    — `scripts/bench_apply.py` at 0.1 % and 1 %, with a sweep of launch shapes
-              (SPRA_TOOLS_KERNEL_TUNING) timed in the same process;
+3. apply    — `scripts/bench_apply.py` at 0.1 % and 1 %;
 4. live     — `scripts/bench_live.py`: attach / swap, staged swaps, PEFT's hot-swap;
 5. ncu      — Nsight Compute (`--clock-control none --set full`) on each of our kernels and the
               flat-buffer ceilings once (`bench_apply.py --profile`, NVTX range "profile"), then a
@@ -32,17 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TUNINGS = [  # threads per CTA, support elements per tile, loads in flight per thread
-    "threads=256,tile=4096,unroll=4",  # the default
-    "threads=128,tile=4096,unroll=4",
-    "threads=512,tile=4096,unroll=4",
-    "threads=256,tile=1024,unroll=4",
-    "threads=256,tile=2048,unroll=4",
-    "threads=256,tile=8192,unroll=4",
-    "threads=256,tile=4096,unroll=2",
-    "threads=256,tile=4096,unroll=8",
-    "threads=128,tile=2048,unroll=8",
-]
 # Raw ncu metrics worth reading for a random read-modify-write kernel (missing ones are skipped).
 METRICS = {
     "gpu__time_duration.sum": "duration",
@@ -73,7 +61,6 @@ def main():
     deadline = time.monotonic() + args.budget
     env = {**os.environ, "PYTHONPATH": str(REPO), "SPRA_TOOLS_BUILD_EXT": "1", "PYTHONUNBUFFERED": "1"}
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    env.pop("SPRA_TOOLS_KERNEL_TUNING", None)
     py = sys.executable
     results = []
 
@@ -85,7 +72,7 @@ def main():
     stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_kernels.py",
                     "tests/test_ops.py", "tests/test_live.py"], 90)  # fmt: skip
     stage("apply", [py, "scripts/bench_apply.py", "--device", "cuda", "--density", "0.001", "0.01", "--repeat",
-                    "20", "--tuning", *TUNINGS], 90)  # fmt: skip
+                    "20"], 90)  # fmt: skip
     stage("live", [py, "scripts/bench_live.py", "--repeat", "10", "--swaps", "200"], 100)
     ncu = shutil.which("ncu") or next((str(p) for p in Path("/usr/local/cuda/bin").glob("ncu")), None)
     if ncu:

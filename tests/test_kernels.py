@@ -198,45 +198,6 @@ def test_many_ops_match_the_reference(device, dtype, values_dtype, index_dtype):
     assert all(torch.equal(bit_view(w), bit_view(e)) for w, e in zip(weights, expected))
 
 
-@pytest.mark.parametrize(
-    "tuning", ["threads=64,tile=1024,unroll=1", "threads=128,unroll=8", "threads=512,tile=16384,unroll=3"]
-)
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_launch_shapes_give_the_same_results(tuning, monkeypatch):
-    """SPRA_TOOLS_KERNEL_TUNING changes how the work is cut, never the result."""
-    if extension.load("cuda") != "ok":
-        pytest.skip("cuda extension unavailable")
-    monkeypatch.setenv("SPRA_TOOLS_BACKEND", "cuda")
-    gen = _gen("tuning", tuning)
-    weights = [torch.randn(s, generator=gen).to(torch.bfloat16).cuda() for s in _SHAPES]
-    outputs = {}
-    for spec in ("", tuning):
-        monkeypatch.setenv("SPRA_TOOLS_KERNEL_TUNING", spec)
-        for density in (1e-4, 3e-3, 0.012):
-            sups = [SeededSupport(4, f"t{i}", w.numel(), density) for i, w in enumerate(weights)]
-            values = torch.randn(sum(s.count for s in sups), generator=_gen(density)).to(torch.bfloat16).cuda()
-            work = [w.clone() for w in weights]
-            original = ops.apply_seeded(work, sups, values, 0.5)
-            idx = ops.indices_many(sups, "cuda")
-            staged = ops.scatter_apply_many(work, idx.to(torch.int32), [s.count for s in sups], values)
-            outputs[spec, density] = [bit_view(original), bit_view(staged), idx, *map(bit_view, work)]
-    for density in (1e-4, 3e-3, 0.012):
-        assert all(torch.equal(a, b) for a, b in zip(outputs["", density], outputs[tuning, density]))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_bad_launch_shape_is_refused(monkeypatch):
-    if extension.load("cuda") != "ok":
-        pytest.skip("cuda extension unavailable")
-    monkeypatch.setenv("SPRA_TOOLS_BACKEND", "cuda")
-    monkeypatch.setenv("SPRA_TOOLS_KERNEL_TUNING", "threads=100")
-    w = torch.randn(70_000, device="cuda")
-    with pytest.raises(RuntimeError, match="SPRA_TOOLS_KERNEL_TUNING"):
-        ops.gather_seeded([w], [SeededSupport(1, "w", w.numel(), 0.01)])
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("values_dtype", DTYPES)

@@ -68,7 +68,8 @@ def tokenize(
         raise SpraError("packing is for causal-lm only")
     encoder = _Encoder(tokenizer, path)
     first: tuple[str, frozenset] | None = None
-    examples: list[tuple[list[int], list[int]]] = []
+    examples: list[tuple[list[int], list[int]] | None] = []
+    plain: list[tuple[int, str, str]] = []  # (example, where, text) of text / classification records
     labels: list[tuple[str, str | int]] = []
     records = 0
     for unit, n, record in numbered_records(path):
@@ -84,18 +85,24 @@ def tokenize(
             )
         records += 1
         shape = SHAPES[keys]
-        if shape == "text":
-            ids = encoder.text(_string(record, "text", where, path), where)
-            examples.append((ids, list(ids)))
+        if shape in ("text", "classification"):
+            plain.append((len(examples), where, _string(record, "text", where, path)))
+            examples.append(None)  # encoded below, all texts in one call
+            if shape == "classification":
+                labels.append((where, _label(record, where, path)))
         elif shape == "prompt-completion":
             prompt = _string(record, "prompt", where, path, allow_empty=True)
             examples.append(encoder.prompt_completion(prompt, _string(record, "completion", where, path), where))
-        elif shape == "chat":
-            examples.append(encoder.chat(_messages(record, where, path), where))
         else:
-            ids = encoder.plain(_string(record, "text", where, path), where)
-            examples.append((ids, []))
-            labels.append((where, _label(record, where, path)))
+            examples.append(encoder.chat(_messages(record, where, path), where))
+    # One batched call: the tokenizer's Rust core encodes the texts in parallel.
+    encoded = encoder.plain_many([text for _, _, text in plain], [where for _, where, _ in plain])
+    for (i, _, _), ids in zip(plain, encoded):
+        if task == "seq-cls":
+            examples[i] = (ids, [])
+        else:
+            full = encoder.prefix + ids + encoder.suffix
+            examples[i] = (full, list(full))
 
     if task == "seq-cls":
         ids_of, id2label = _label_ids(labels, label2id, path)
@@ -247,15 +254,15 @@ class _Encoder:
     def encode(self, text: str, specials: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=specials)["input_ids"]
 
-    def plain(self, text: str, where: str) -> list[int]:
-        """The tokenizer's own encoding, special tokens as it adds them (classification)."""
-        ids = self.encode(text, specials=True)
-        if not ids:
-            raise SpraError(f'{where}: "text" encodes to no tokens', self.path)
-        return ids
-
-    def text(self, text: str, where: str) -> list[int]:
-        return self.prefix + self.plain(text, where) + self.suffix
+    def plain_many(self, texts: list[str], wheres: list[str]) -> list[list[int]]:
+        """`plain` of many texts in one call."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        for ids, where in zip(encoded, wheres):
+            if not ids:
+                raise SpraError(f'{where}: "text" encodes to no tokens', self.path)
+        return encoded
 
     def prompt_completion(self, prompt: str, completion: str, where: str) -> tuple[list[int], list[int]]:
         full = self.encode(prompt + completion, specials=True)
