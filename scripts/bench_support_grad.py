@@ -1,7 +1,5 @@
-"""Weight gradients at the support: the sampled kernels (tiled, and warp-per-element) vs dense ``dYᵀX`` +
-gather vs ``torch.sparse.sampled_addmm``, and the crossover `ops.sddmm_is_faster` is fitted from.
-
-The tiled kernel's plan is made once per support outside the timed region, as training caches it.
+"""Weight gradients at the support: the sampled kernel (SDDMM) vs dense ``dYᵀX`` + gather vs
+``torch.sparse.sampled_addmm``, and the crossover `ops.sddmm_is_faster` is fitted from.
 
     python scripts/bench_support_grad.py            # the micro-table (14336x4096, 0.1 % / 1 %, 512..8192 tokens)
     python scripts/bench_support_grad.py --sweep    # + shapes x densities at 2048 tokens, and the fit
@@ -43,14 +41,11 @@ def case(rows: int, cols: int, density: float, tokens: int, sampled_addmm: bool)
     idx = torch.randperm(rows * cols, device="cuda", generator=gen)[:k].sort().values
     want = (dy.double().t() @ x.double()).view(-1)[idx]
     row = {"rows": rows, "cols": cols, "density": density, "tokens": tokens, "k": k}
-    plans: dict = {}
-    for method in METHODS:
-        got = ops.support_grad(dy, x, idx, method, plans=plans)
+    for method in ("sddmm", "dense"):
+        got = ops.support_grad(dy, x, idx, method)
         err = float((got.double() - want).norm() / want.norm())
         assert err < 1e-5, (method, err)
-        row[method] = timed(lambda m=method: ops.support_grad(dy, x, idx, m, plans=plans))
-    plan = plans[2]
-    row["tile"] = f"{plan.tile_rows}x{plan.tile_cols}"
+        row[method] = timed(lambda m=method: ops.support_grad(dy, x, idx, m))
     if sampled_addmm:
         crow = torch.searchsorted(idx // cols, torch.arange(rows + 1, device="cuda"))
         mask = torch.sparse_csr_tensor(crow, idx % cols, torch.zeros(k, device="cuda"), (rows, cols))
@@ -59,12 +54,9 @@ def case(rows: int, cols: int, density: float, tokens: int, sampled_addmm: bool)
             row["sampled_addmm"] = timed(lambda: torch.sparse.sampled_addmm(mask, a, b), reps=5)
         except RuntimeError as e:
             row["sampled_addmm"] = f"n/a ({str(e).splitlines()[0][:60]})"
-    row["auto"] = "tiled" if ops.sddmm_is_faster(k, rows, cols, tokens) else "dense"
-    row["best"] = min(METHODS, key=lambda m: row[m])
+    row["auto"] = "sddmm" if ops.sddmm_is_faster(k, rows, cols, tokens) else "dense"
+    row["best"] = "sddmm" if row["sddmm"] < row["dense"] else "dense"
     return row
-
-
-METHODS = ("tiled", "sddmm", "dense")
 
 
 def fmt(v) -> str:
@@ -80,27 +72,26 @@ def main() -> None:
 
     rows = []
     print(
-        "| shape | density | tokens | k | tiled ms (tile) | warp SDDMM ms | dense+gather ms | sampled_addmm (fp32) ms"
-        " | auto picks | fastest |"
+        "| shape | density | tokens | k | SDDMM ms | dense+gather ms | sampled_addmm (fp32) ms | auto picks | faster |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for density in (0.001, 0.01):
         for tokens in (512, 2048, 8192):
             r = case(14336, 4096, density, tokens, sampled_addmm=True)
             rows.append(r)
-            print(f"| 14336x4096 | {density:.1%} | {tokens} | {r['k']:,} | {fmt(r['tiled'])} ({r['tile']}) | "
-                  f"{fmt(r['sddmm'])} | {fmt(r['dense'])} | {fmt(r['sampled_addmm'])} | {r['auto']} | {r['best']} |")  # fmt: skip
+            print(f"| 14336x4096 | {density:.1%} | {tokens} | {r['k']:,} | {fmt(r['sddmm'])} | {fmt(r['dense'])} | "
+                  f"{fmt(r['sampled_addmm'])} | {r['auto']} | {r['best']} |")  # fmt: skip
     if args.sweep:
-        print("\n| shape | density | tokens | tiled ms (tile) | warp SDDMM ms | dense ms | auto | fastest |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| shape | density | tokens | SDDMM ms | dense ms | auto | faster |")
+        print("|---|---|---|---|---|---|---|")
         for shape in ((1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336)):
-            for density in (0.001, 0.003, 0.006, 0.01, 0.03, 0.1):
+            for density in (0.001, 0.003, 0.01, 0.03, 0.1):
                 r = case(*shape, density, 2048, sampled_addmm=False)
                 rows.append(r)
-                print(f"| {shape[0]}x{shape[1]} | {density:.1%} | 2048 | {fmt(r['tiled'])} ({r['tile']}) | "
-                      f"{fmt(r['sddmm'])} | {fmt(r['dense'])} | {r['auto']} | {r['best']} |")  # fmt: skip
-        # Least-squares fit of the cost model behind ops.sddmm_is_faster (the tiled kernel's MAC term).
-        sd = [(r["k"] * r["tokens"], r["tiled"]) for r in rows]
+                print(f"| {shape[0]}x{shape[1]} | {density:.1%} | 2048 | {fmt(r['sddmm'])} | {fmt(r['dense'])} | "
+                      f"{r['auto']} | {r['best']} |")  # fmt: skip
+        # Least-squares fit of the cost model behind ops.sddmm_is_faster.
+        sd = [(r["k"] * r["tokens"], r["sddmm"]) for r in rows]
         ns_per_mac = sum(m * t for m, t in sd) / sum(m * m for m, _ in sd) * 1e6
         dn = [(r["rows"] * r["cols"] * r["tokens"], r["dense"]) for r in rows]
         dense_ns = sum(m * t for m, t in dn) / sum(m * m for m, _ in dn) * 1e6

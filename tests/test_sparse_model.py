@@ -55,7 +55,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["auto", "tiled", "sddmm"])
+@pytest.mark.parametrize("method", ["auto", "sddmm"])
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("arch,targets", CASES)
 def test_support_gradients_equal_dense_autograd(tmp_path, monkeypatch, arch, targets, device, method):
@@ -94,69 +94,20 @@ def test_bf16_gradients_within_twice_pytorchs_own_error(tmp_path):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("method", ["dense", "tiled", "sddmm"])
+@pytest.mark.parametrize("method", ["dense", "sddmm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "tokens,rows,cols,k",
     [(37, 48, 80, 300), (3000, 96, 200, 5000), (8, 1, 5, 5), (77, 50, 37, 1850), (5, 3000, 40, 900)],
 )
 def test_support_grad_methods_agree_with_numpy(method, dtype, device, tokens, rows, cols, k):
-    """Token counts that are no multiple of 8 (padded), longer than one kernel chunk, and tiny; widths
-    that are no multiple of a 16-byte vector (the tiled kernel's unaligned loads), a dense support,
-    and a tall weight (many tiles)."""
+    """Token counts that are no multiple of 8 (padded), longer than one kernel chunk, and tiny."""
     gen = torch.Generator().manual_seed(7)
     a, b = torch.randn(tokens, rows, generator=gen).to(dtype), torch.randn(tokens, cols, generator=gen).to(dtype)
     idx = torch.randperm(rows * cols, generator=gen)[:k].sort().values
     got = ops.support_grad(a.to(device), b.to(device), idx.to(device), method).cpu()
     want = (a.double().numpy().T @ b.double().numpy()).reshape(-1)[idx.numpy()]
     torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("tile", [None, (16, 16), (128, 128)])
-def test_tiled_support_grad_with_any_tiling(device, tile):
-    """The plan only organises the work: tiles much smaller (many tiles, token splits) or larger (a
-    tile of 16,384 support elements takes several waves) than the planner's give the same sums."""
-    gen = torch.Generator().manual_seed(11)
-    rows, cols, tokens = 128, 128, 300
-    a, b = torch.randn(tokens, rows, generator=gen).bfloat16(), torch.randn(tokens, cols, generator=gen).bfloat16()
-    idx = torch.arange(rows * cols)  # every element: the largest tile holds them all
-    plans = {2: ops.sddmm_plan(idx.to(device), rows, cols, 2, tile)}
-    got = ops.support_grad(a.to(device), b.to(device), idx.to(device), "tiled", plans=plans).cpu()
-    want = (a.double().numpy().T @ b.double().numpy()).reshape(-1)
-    torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.parametrize("rows,cols,k", [(48, 80, 300), (3000, 40, 900), (1, 5, 5), (128, 4096, 40000)])
-def test_sddmm_plan_groups_the_support_by_tile(rows, cols, k):
-    gen = torch.Generator().manual_seed(3)
-    idx = torch.randperm(rows * cols, generator=gen)[:k].sort().values
-    plan = ops.sddmm_plan(idx, rows, cols)
-    order, starts = plan.order.long(), plan.tile_starts.long()
-    assert torch.equal(order.sort().values, torch.arange(k))  # a permutation of the support
-    tiles_c = -(-cols // plan.tile_cols)
-    assert starts[0] == 0 and starts[-1] == k and bool((starts.diff() >= 0).all())
-    assert starts.numel() == -(-rows // plan.tile_rows) * tiles_c + 1
-    for t in range(starts.numel() - 1):
-        members = order[starts[t] : starts[t + 1]]
-        r, c = idx[members] // cols, idx[members] % cols
-        assert bool((r // plan.tile_rows == t // tiles_c).all()) and bool((c // plan.tile_cols == t % tiles_c).all())
-        assert bool((members.diff() > 0).all())  # support order kept inside a tile
-    assert plan.tile_rows % 8 == 0 and plan.tile_cols % 8 == 0 and plan.tile_rows + plan.tile_cols <= 2048
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_tiled_kernel_marks_a_plan_that_does_not_fit_its_indices():
-    """A plan made for other indices may give wrong sums but never reads or writes out of bounds:
-    elements outside the tile the plan puts them in come out NaN."""
-    idx = torch.tensor([0, 5, 130, 4000], device="cuda")
-    wrong = torch.tensor([0, 1, 2, 4095], device="cuda")
-    plans = {2: ops.sddmm_plan(wrong, 64, 64, 2, (16, 16))}
-    a = torch.randn(40, 64, device="cuda").bfloat16()
-    got = ops.support_grad(a, a, idx, "tiled", plans=plans).cpu()
-    want = (a.double().t() @ a.double()).view(-1)[idx].cpu()
-    assert torch.isnan(got[2]) and torch.allclose(got[[0, 1, 3]].double(), want[[0, 1, 3]], rtol=1e-4, atol=1e-3)
 
 
 def test_support_grad_rejects_bad_shapes():

@@ -18,7 +18,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -249,17 +248,14 @@ def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
         raise ValueError(f"need int64 indices and values of the same length, got {indices.shape} and {values.shape}")
 
 
-def support_grad(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, method: str = "auto",
-                 plans: dict | None = None) -> torch.Tensor:  # fmt: skip
+def support_grad(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """fp32 ``g[n] = Σ_t a[t, i_n] · b[t, j_n]`` for flat support indices into a [R, C] weight
     (a [T, R], b [T, C]; for nn.Linear a = dY, b = X). Only the support is returned.
 
-    method: "tiled" (the tiled sampled kernel: work ∝ support size × tokens, the operands staged
-    tile by tile), "sddmm" (the warp-per-element sampled kernel), "dense" (``aᵀb`` by the BLAS in
-    fp32, then gathered; the [R, C] product lives only inside this call), or "auto", which picks per
-    call from the measured crossover (`sddmm_is_faster`) unless SPRA_TOOLS_SUPPORT_GRAD names a
-    method (for benchmarks and tests). `plans` caches the tiled kernel's plan of this support
-    (`sddmm_plan`) across calls: pass the same dict for the same indices."""
+    method: "sddmm" (the sampled kernel: work ∝ support size × tokens), "dense" (``aᵀb`` by the
+    BLAS in fp32, then gathered; the [R, C] product lives only inside this call), or "auto", which
+    picks per call from the measured crossover (`sddmm_is_faster`) unless SPRA_TOOLS_SUPPORT_GRAD
+    names a method (for benchmarks and tests)."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"need a [T, R] and b [T, C], got {tuple(a.shape)} and {tuple(b.shape)}")
     b = b.to(a.dtype)
@@ -268,73 +264,16 @@ def support_grad(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, method
         method = os.environ.get("SPRA_TOOLS_SUPPORT_GRAD", "auto")
     if method == "auto":
         use_sddmm = a.device.type == "cuda" and sddmm_is_faster(indices.numel(), rows, cols, tokens)
-        method = "tiled" if use_sddmm else "dense"
+        method = "sddmm" if use_sddmm else "dense"
     if method == "dense":
         if a.device.type == "cuda" and a.dtype != torch.float32:
             dense = torch.mm(a.t(), b, out_dtype=torch.float32)  # bf16/fp16 in, fp32 accumulated and out
         else:
             dense = torch.mm(a.t().float(), b.float())
         return dense.view(-1).index_select(0, indices)
-    if method == "tiled":
-        plans = {} if plans is None else plans
-        key = a.element_size()
-        if key not in plans:
-            plans[key] = sddmm_plan(indices, rows, cols, key)
-        p = plans[key]
-        op = _op("sampled_grad_tiled", a.device)
-        return op(a.contiguous(), b.contiguous(), indices, p.order, p.tile_starts, p.tile_rows, p.tile_cols)
     if method != "sddmm":
-        raise ValueError(f"method must be auto, tiled, sddmm or dense, not {method!r}")
+        raise ValueError(f"method must be auto, sddmm or dense, not {method!r}")
     return _op("sampled_grad", a.device)(_feature_major(a), _feature_major(b), indices)
-
-
-@dataclass(frozen=True)
-class SddmmPlan:
-    """A support grouped by tiles of its [R, C] weight, for the tiled sampled kernel.
-
-    Tiles are `tile_rows` x `tile_cols` blocks in row-major order; `order` (int32 [k]) lists
-    positions into the support tile by tile, and tile t's entries are order[tile_starts[t] :
-    tile_starts[t + 1]]. Made once per support (it only depends on the indices and the shape)."""
-
-    order: torch.Tensor
-    tile_starts: torch.Tensor
-    tile_rows: int
-    tile_cols: int
-
-
-_WAVE = 512 * 8  # support elements one CTA of the tiled kernel accumulates at once
-
-
-def _tile_shape(k: int, rows: int, cols: int, element_size: int) -> tuple[int, int]:
-    """Tile rows and columns: as large as the kernel's staging allows (<= 2048 rows + columns for
-    2-byte types, 1024 for fp32; multiples of a 16-byte vector), shrunk while a tile would hold more
-    than ~3/4 of one wave of support elements."""
-    vec, most = 16 // element_size, (1024 if element_size == 4 else 2048)
-    rt = min(most // 2, -(-rows // vec) * vec)
-    ct = min(most - rt, -(-cols // vec) * vec)
-    per_element = k / max(1, rows * cols)
-    while rt * ct * per_element > 0.75 * _WAVE and max(rt, ct) > 8 * vec:
-        if rt >= ct:
-            rt = max(vec, rt // 2 // vec * vec)
-        else:
-            ct = max(vec, ct // 2 // vec * vec)
-    return rt, ct
-
-
-def sddmm_plan(indices: torch.Tensor, rows: int, cols: int, element_size: int = 2, tile=None) -> SddmmPlan:
-    """The tiled kernel's plan for flat `indices` into a [rows, cols] weight (on their device);
-    `tile` = (rows, cols) overrides the tile shape the kernel's limits suggest."""
-    if indices.numel() >= 1 << 31:
-        raise ValueError("a support of 2**31 elements or more needs the dense method")
-    rt, ct = tile or _tile_shape(indices.numel(), rows, cols, element_size)
-    tiles_c = -(-cols // ct)
-    tiles = -(-rows // rt) * tiles_c
-    r, c = indices // cols, indices % cols
-    tile = (r // rt) * tiles_c + c // ct
-    order = torch.sort(tile, stable=True).indices.to(torch.int32)
-    starts = torch.zeros(tiles + 1, dtype=torch.int64, device=indices.device)
-    starts[1:] = torch.bincount(tile, minlength=tiles).cumsum(0)
-    return SddmmPlan(order, starts.to(torch.int32), rt, ct)
 
 
 def _feature_major(x: torch.Tensor) -> torch.Tensor:

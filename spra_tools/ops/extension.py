@@ -79,9 +79,7 @@ def _build_args(kind: str) -> dict:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # nothing to detect: build for Hopper (H100/H200)
     return dict(
         name="spra_tools_cuda",
-        sources=[
-            str(src / n) for n in ("spra_cuda.cu", "spra_train_cuda.cu", "spra_sddmm_cuda.cu", "spra_sparse_mm_cuda.cu")
-        ],
+        sources=[str(src / n) for n in ("spra_cuda.cu", "spra_train_cuda.cu", "spra_sparse_mm_cuda.cu")],
         extra_cflags=common,
         extra_cuda_cflags=["-O3", "--fmad=false", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"],
         with_cuda=True,

@@ -29,8 +29,6 @@ _SCHEMAS = {
     "bool save_originals) -> Tensor",
     "restore_many": "(Tensor(a!)[] weights, Tensor indices, int[] counts, Tensor originals) -> ()",
     "sampled_grad": "(Tensor a, Tensor b, Tensor indices) -> Tensor",
-    "sampled_grad_tiled": "(Tensor a, Tensor b, Tensor indices, Tensor order, Tensor tile_starts, int tile_rows, "
-    "int tile_cols) -> Tensor",
     "adamw_step": "(Tensor(a!)[] weights, Tensor[] indices, Tensor[] originals, Tensor(b!)[] deltas, Tensor[] grads, "
     "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
     "float weight_decay, float step_size, float inv_sqrt_bias_correction2, Tensor? grad_scale) -> ()",
@@ -147,11 +145,6 @@ def _sampled_grad(a, b, indices):
     return reference.sampled_grad(a, b, indices)
 
 
-@_default("sampled_grad_tiled")
-def _sampled_grad_tiled(a, b, indices, order, tile_starts, tile_rows, tile_cols):
-    return reference.sampled_grad_token_major(a, b, indices)  # the plan only organises the kernel's work
-
-
 @_default("adamw_step")
 def _adamw_step(weights, indices, originals, deltas, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
                 weight_decay, step_size, inv_sqrt_bias_correction2, grad_scale):  # fmt: skip
@@ -223,11 +216,6 @@ def _(weights, indices, counts, originals):
 
 @torch.library.register_fake(f"{NS}::sampled_grad")
 def _(a, b, indices):
-    return a.new_empty(indices.shape, dtype=torch.float32)
-
-
-@torch.library.register_fake(f"{NS}::sampled_grad_tiled")
-def _(a, b, indices, order, tile_starts, tile_rows, tile_cols):
     return a.new_empty(indices.shape, dtype=torch.float32)
 
 

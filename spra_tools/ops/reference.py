@@ -94,12 +94,6 @@ def sampled_grad(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> tor
     return (a.float() @ b.float().t()).reshape(-1).index_select(0, indices)
 
 
-def sampled_grad_token_major(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``out[n] = Σ_t a[t, i_n] · b[t, j_n]`` in fp32 for flat indices into [cols(a), cols(b)]: the
-    dense product gathered at the support (a [T, R], b [T, C], token-major)."""
-    return (a.float().t() @ b.float()).reshape(-1).index_select(0, indices)
-
-
 def adamw_update(delta, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step_size,
                  inv_sqrt_bias_correction2, grad_scale) -> None:  # fmt: skip
     """One AdamW update of fp32 `delta` in place, every operation rounded to fp32 in this order

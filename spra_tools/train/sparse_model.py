@@ -40,11 +40,11 @@ class _SupportLinear(torch.autograd.Function):
     """y = x Wᵀ + b for nn.Linear (W [out, in]); Conv1D (W [in, out], y = x W + b) passes transposed=True."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, indices, transposed, plans):
+    def forward(ctx, x, weight, bias, delta, indices, transposed):
         dtype = _compute_dtype(x)
         x, weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight, indices)
-        ctx.transposed, ctx.plans = transposed, plans
+        ctx.transposed = transposed
         w = weight.t() if transposed else weight
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(dtype))
 
@@ -54,10 +54,9 @@ class _SupportLinear(torch.autograd.Function):
         w = weight.t() if ctx.transposed else weight  # [out, in]
         grad_x = grad_y @ w.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         dy, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])  # [T, out], [T, in]
-        a, b = (x2, dy) if ctx.transposed else (dy, x2)
-        grad_delta = ops.support_grad(a, b, indices, plans=ctx.plans)
+        grad_delta = ops.support_grad(x2, dy, indices) if ctx.transposed else ops.support_grad(dy, x2, indices)
         grad_bias = dy.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_delta, None, None, None
+        return grad_x, None, grad_bias, grad_delta, None, None
 
 
 class _SupportEmbedding(torch.autograd.Function):
@@ -153,10 +152,9 @@ class SparseModel(nn.Module):
 
         else:
             transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out], y = x W + b
-            plans: dict = {}  # the tiled gradient kernel's plan of this support, made at its first use
 
-            def forward(x, module=module, plans=plans):
-                return _SupportLinear.apply(x, module.weight, module.bias, self.deltas[key], idx, transposed, plans)
+            def forward(x, module=module):
+                return _SupportLinear.apply(x, module.weight, module.bias, self.deltas[key], idx, transposed)
 
         module.forward = forward
         self._patched.append(module)
