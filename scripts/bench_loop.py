@@ -153,7 +153,7 @@ def trl_worker(t0: float, ckpt: str, corpus: str, steps: int, batch: int, max_le
     cfg = trl.SFTConfig(output_dir="/tmp/bench-loop-trl", max_steps=steps, per_device_train_batch_size=batch,
                         max_length=max_length, bf16=True, learning_rate=LR, logging_steps=10**9, save_strategy="no",
                         report_to=[], packing=False, dataset_text_field="text", lr_scheduler_type="cosine",
-                        dataloader_num_workers=0)  # fmt: skip
+                        dataloader_num_workers=0, gradient_checkpointing=False)  # fmt: skip
     trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, peft_config=lora,
                              data_collator=Counting(pad_token_id=tok.pad_token_id), callbacks=[Clock()])  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
@@ -216,8 +216,10 @@ def main():
         return trl_worker(float(t0), ckpt, corpus, int(steps), int(batch), int(max_length), modules)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["1b"])
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state rate")
+    ap.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
+    ap.add_argument(
+        "--warmup", type=int, default=10, help="steps left out of the steady-state rate (attention plans per length)"
+    )
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--rows", nargs="+", default=["spra", "trl", "engine"], choices=["spra", "trl", "engine"])
