@@ -23,15 +23,16 @@ import pytest
 import torch
 import transformers
 from families import CASES, LABELS, PAD, VOCAB, Case, write_data
-from tiny import bits, fine_tune
 
 from spra_tools.adapter import Adapter
 from spra_tools.algebra import diff_checkpoints, merge_adapters
 from spra_tools.algebra.convert import read_peft_sparta, write_peft_sparta
 from spra_tools.checkpoint import open_checkpoint
+from spra_tools.dtypes import bit_view as bits
 from spra_tools.live import attach
 from spra_tools.share import export_adapter
 from spra_tools.surgery import apply_adapter, create_adapter, verify_adapter
+from spra_tools.testing import fine_tune
 from spra_tools.train import SparseAdamW, SparseModel
 from spra_tools.train.config import TrainConfig
 from spra_tools.train.loop import train
