@@ -109,6 +109,10 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
     torch.manual_seed(config.seed)  # a new classification head starts from the same values every run
     kwargs = dict(dtype=dtype)
+    if config.quantize:  # quantized as it loads, on the device (a bitsandbytes model cannot move later)
+        from ..quantized import bnb_config
+
+        kwargs.update(quantization_config=bnb_config(config.quantize, dtype), device_map={"": device})
     if config.task == "seq-cls":
         kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
         auto = transformers.AutoModelForSequenceClassification
@@ -119,7 +123,7 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     except (OSError, ValueError) as e:
         raise SpraError(f"cannot load the base with transformers ({str(e).splitlines()[0][:160]})", base_dir) from None
     model.config.pad_token_id = pad_id
-    return model.to(device)
+    return model if config.quantize else model.to(device)
 
 
 def _head_patterns(model) -> list[str]:
@@ -201,7 +205,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     tokenizer = _load_tokenizer(base_dir)
     train_data, eval_data = _load_data(config, tokenizer, echo)  # before the model: a bad file fails in seconds
     model = _load_model(config, base_dir, device, train_data.id2label, tokenizer.pad_token_id)
-    sm = _sparse_model(config, model)
+    sm = _sparse_model(config, model, checkpoint)
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
     pad_to = _pad_to(config.max_length)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
@@ -276,10 +280,11 @@ def _data_record(data: TokenizedData) -> dict:
             "dropped": data.dropped}  # fmt: skip
 
 
-def _sparse_model(config: TrainConfig, model) -> SparseModel:
-    """`model` made trainable at its seeded support (a new classification head densely), in train mode."""
+def _sparse_model(config: TrainConfig, model, checkpoint) -> SparseModel:
+    """`model` made trainable at its seeded support (a new classification head densely), in train mode;
+    quantized layers are fingerprinted against `checkpoint`, the full-precision base."""
     dense = _head_patterns(model) if config.task == "seq-cls" else ()
-    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense)
+    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense, base=checkpoint)
     if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

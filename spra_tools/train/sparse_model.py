@@ -12,16 +12,20 @@ sampled (SDDMM) kernel or by a dense product gathered at once, whichever the mea
 says is faster for that layer (`ops.support_grad`); no dense weight gradient outlives its layer's
 backward. `.parameters()` yields only the fp32 master deltas, so any optimizer works (call `sync()`
 after its step to write the weights); `SparseAdamW` does both in one fused launch.
+
+Quantized layers (bitsandbytes, torchao) cannot hold ``W0 + Δ``: they add the unmerged sparse term
+``x · Δᵀ`` to their own output instead, and nothing is written back (spra_tools.quantized).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, quantized
 from ..adapter import Adapter, TensorDelta
 from ..errors import SpraError
 from ..fingerprint import fingerprints
@@ -90,20 +94,21 @@ class SparseModel(nn.Module):
     Either a new seeded support (`density`, `seed`, `targets` — preset names or regexes — and
     `exclude`), or `adapter` (a path or Adapter) to continue training from its supports and values.
     Tensors matching a regex of `dense` (e.g. a new classification head) train in full and are
-    saved as dense tensors, ``cast(W0 + Δ)``, rather than as deltas.
+    saved as dense tensors, ``cast(W0 + Δ)``, rather than as deltas. A model with quantized layers
+    records its full-precision checkpoint in the adapter: `base`, else where the model was loaded from.
     """
 
     def __init__(self, model: nn.Module, density: float | None = None, seed: int | None = None,
                  targets=("vo",), exclude=(), adapter: str | os.PathLike | Adapter | None = None,
-                 dense=()):  # fmt: skip
+                 dense=(), base=None):  # fmt: skip
         super().__init__()
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
         params = dict(model.named_parameters())
-        self._dense = (
-            set(select(((n, "F32", tuple(p.shape)) for n, p in params.items()), list(dense))) if dense else set()
-        )
+        qlayers = quantized.quantized_layers(model)
+        shapes = {n: quantized.logical_shape(qlayers[n]) if n in qlayers else tuple(p.shape) for n, p in params.items()}
+        self._dense = set(select(((n, "F32", shapes[n]) for n in params), list(dense))) if dense else set()
         if adapter is not None:
             adapter = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
             supports = {n: d.support for n, d in adapter.deltas.items()}
@@ -114,8 +119,8 @@ class SparseModel(nn.Module):
         else:
             if density is None or seed is None:
                 raise SpraError("SparseModel needs density and seed (or an adapter)")
-            names = select(((n, "F32", tuple(p.shape)) for n, p in params.items()), targets, exclude)
-            supports = {n: SeededSupport(seed, n, params[n].numel(), density) for n in names}
+            names = select(((n, "F32", shapes[n]) for n in params), targets, exclude)
+            supports = {n: SeededSupport(seed, n, math.prod(shapes[n]), density) for n in names}
         supports.update({n: SeededSupport(0, n, params[n].numel(), 1.0) for n in self._dense})
         if not supports:
             raise SpraError("no weight of this model matches the targets")
@@ -123,7 +128,18 @@ class SparseModel(nn.Module):
         self.deltas = nn.ParameterDict()
         self._sites: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}  # name -> W, idx, W0[s]
         self._patched: list[nn.Module] = []
+        self._unmerged: dict[str, quantized.UnmergedDelta] = {}
         for name, support in supports.items():
+            if name in qlayers:
+                if name in self._dense:
+                    raise SpraError(f"tensor {name!r}: a quantized layer cannot train densely")
+                init = adapter.deltas[name].values.float() if adapter is not None else torch.zeros(support.count)
+                self._unmerged[name] = site = quantized.UnmergedDelta.of(name, qlayers[name], support, base, model)
+                base = site.checkpoint  # opened once for all layers
+                key = name.replace(".", "/")
+                self.deltas[key] = nn.Parameter(init.to(qlayers[name].weight.device))
+                site.layer.patch(lambda key=key: self.deltas[key])
+                continue
             weight = params.get(name)
             if weight is None or not holders.get(id(weight)):
                 raise SpraError(f"tensor {name!r}: not the weight of a Linear, Conv1D or Embedding layer of this model")
@@ -175,26 +191,34 @@ class SparseModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def sites(self):
-        """(name, delta parameter, weight, support indices, originals) of every adapted tensor."""
+        """(name, delta parameter, weight, support indices, originals) of every adapted tensor; weight
+        and originals are None for a quantized layer (its delta is never written into it)."""
         for name, (weight, idx, original) in self._sites.items():
             yield name, self.deltas[name.replace(".", "/")], weight, idx, original
+        for name, site in self._unmerged.items():
+            yield name, self.deltas[name.replace(".", "/")], None, site.layer.indices, None
 
     @torch.no_grad()
     def sync(self) -> None:
         """Write ``W[s] = cast(W0[s] + Δ)`` for every adapted weight (after a plain optimizer's step)."""
         for _, delta, weight, idx, original in self.sites():
-            ops.restore(weight.data, idx, original)
-            ops.scatter_apply(weight.data, idx, delta.detach())
+            if weight is not None:
+                ops.restore(weight.data, idx, original)
+                ops.scatter_apply(weight.data, idx, delta.detach())
 
     @torch.no_grad()
     def restore(self) -> None:
         """The base weights, bit for bit (the deltas are kept; `sync` re-applies them)."""
         for _, _, weight, idx, original in self.sites():
-            ops.restore(weight.data, idx, original)
+            if weight is not None:
+                ops.restore(weight.data, idx, original)
 
     def merged(self) -> nn.Module:
         """The plain model with the deltas merged (``cast(W0 + Δ)``, what `apply` gives for fp32
         values), its layers unpatched and trainable again; this wrapper is spent afterwards."""
+        if self._unmerged:
+            raise SpraError("quantized layers cannot take the deltas in place: save the adapter and apply it to the "
+                            "full-precision checkpoint")  # fmt: skip
         self.sync()
         for module in self._patched:
             del module.forward
@@ -207,6 +231,9 @@ class SparseModel(nn.Module):
                 task: dict | None = None) -> Adapter:  # fmt: skip
         deltas, dense = {}, {}
         for name, delta, weight, _, original in self.sites():
+            if name in self._unmerged:
+                deltas[name] = self._unmerged[name].delta(delta.detach().to(values_dtype).cpu())
+                continue
             if name in self._dense:
                 dense[name] = weight.detach().clone().cpu()
                 continue
@@ -216,6 +243,9 @@ class SparseModel(nn.Module):
             )
         base = {"name": getattr(getattr(self.model, "config", None), "name_or_path", None) or None}
         provenance = {"method": "train", **(provenance or {})}
+        if self._unmerged:  # the checkpoint the quantized base came from, and how it was quantized
+            base = {"name": next(iter(self._unmerged.values())).checkpoint.name}
+            provenance["quantization"] = quantized.quantization_record(self.model)
         return Adapter(deltas, dense, base, task or {}, provenance, values_dtype == torch.float32)
 
     def save(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
@@ -277,6 +307,17 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["step"] += 1
             for step in sorted({self.state[p]["step"] for p in params}):  # one launch when all are in step
                 same = [p for p in params if self.state[p]["step"] == step]
+                unmerged = [p for p in same if self._sites[id(p)][2] is None]  # quantized layers: no write-back
+                if unmerged:
+                    ops.adamw_step_deltas(
+                        [p.data for p in unmerged], [p.grad.float().contiguous() for p in unmerged],
+                        [self.state[p]["exp_avg"] for p in unmerged], [self.state[p]["exp_avg_sq"] for p in unmerged],
+                        lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                        step=step, grad_scale=None if scale is None else scale.to(unmerged[0].device),
+                    )  # fmt: skip
+                    same = [p for p in same if self._sites[id(p)][2] is not None]
+                    if not same:
+                        continue
                 sites = [self._sites[id(p)] for p in same]
                 ops.adamw_step(
                     [s[2].data for s in sites],
