@@ -12,6 +12,7 @@ is refused. What does not run on the CPU here is skipped, saying why; GPU cases 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from spra_tools.checkpoint import open_checkpoint
 from spra_tools.errors import MismatchError, SpraError
 from spra_tools.live import attach, load_model
 from spra_tools.surgery import apply_adapter, verify_adapter
-from spra_tools.testing import build_tiny_model
+from spra_tools.testing import CORPUS, build_tiny_model, build_word_tokenizer
 from spra_tools.train import SparseAdamW, SparseModel
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -241,3 +242,36 @@ def test_merged_is_refused_and_the_base_must_be_found(base):
     sm = SparseModel(model, density=0.05, seed=7)
     with pytest.raises(SpraError, match="in place"):
         sm.merged()
+
+
+def _corpus_loss(model, tokenizer, lines) -> float:
+    with torch.no_grad():
+        losses = [model(**tokenizer(t, return_tensors="pt"), labels=tokenizer(t, return_tensors="pt")["input_ids"])
+                  .loss.item() for t in lines]  # fmt: skip
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (spra-tools[quant])")
+def test_train_quantize_writes_an_adapter_of_the_full_precision_base(tmp_path, call_cli):
+    """NF4 base with gradient checkpointing; the head stays unquantized and trains in place beside it."""
+    words = CORPUS.split()
+    build_tiny_model("llama", tmp_path / "base", torch.bfloat16, hidden=128)
+    build_word_tokenizer(words, tmp_path / "base")
+    lines = [" ".join(words[i : i + 16]) for i in range(0, len(words) - 16, 4)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    rc, _, err = call_cli("train", tmp_path / "base", "--data", tmp_path / "corpus.jsonl", "-o", tmp_path / "a.spra",
+                          "--steps", "30", "--lr", "1e-2", "--density", "0.05", "--targets", "all-linear",
+                          "--targets", r"lm_head\.weight$", "--schedule", "constant", "--device", "cpu",
+                          "--quantize", "nf4", "--gradient-checkpointing")  # fmt: skip
+    assert rc == 0, err
+    adapter = Adapter.load(tmp_path / "a.spra")
+    assert adapter.provenance["config"]["quantize"] == "nf4"
+    assert adapter.provenance["quantization"]["bnb_4bit_quant_type"] == "nf4"
+    assert "lm_head.weight" in adapter.deltas and "model.layers.1.mlp.up_proj.weight" in adapter.deltas
+    ckpt = open_checkpoint(tmp_path / "base")
+    assert verify_adapter(ckpt, adapter) == []
+    apply_adapter(ckpt, [("a", adapter)], tmp_path / "merged")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    before = _corpus_loss(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer, lines)
+    after = _corpus_loss(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), tokenizer, lines)
+    assert after < before - 1.0, (before, after)
