@@ -109,6 +109,10 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
     torch.manual_seed(config.seed)  # a new classification head starts from the same values every run
     kwargs = dict(dtype=dtype)
+    if config.quantize:  # quantized as it loads, on the device (a bitsandbytes model cannot move later)
+        from ..quantized import bnb_config
+
+        kwargs.update(quantization_config=bnb_config(config.quantize, dtype), device_map={"": device})
     if config.task == "seq-cls":
         kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
         auto = transformers.AutoModelForSequenceClassification
@@ -119,7 +123,7 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     except (OSError, ValueError) as e:
         raise SpraError(f"cannot load the base with transformers ({str(e).splitlines()[0][:160]})", base_dir) from None
     model.config.pad_token_id = pad_id
-    return model.to(device)
+    return model if config.quantize else model.to(device)
 
 
 def _head_patterns(model, checkpoint) -> list[str]:
@@ -285,7 +289,8 @@ def _data_record(data: TokenizedData) -> dict:
 
 def _sparse_model(config: TrainConfig, model, checkpoint) -> SparseModel:
     """`model` made trainable at its seeded support (a classification head densely), in train mode,
-    its adapter keyed by and fingerprinted against `checkpoint`."""
+    its adapter keyed by and fingerprinted against `checkpoint` (the full-precision base of a
+    quantized model)."""
     dense = _head_patterns(model, checkpoint) if config.task == "seq-cls" else ()
     sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense,
                      base=checkpoint)  # fmt: skip

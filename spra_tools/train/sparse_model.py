@@ -12,10 +12,14 @@ sampled (SDDMM) kernel or by a dense product gathered at once, whichever the mea
 says is faster for that layer (`ops.support_grad`); no dense weight gradient outlives its layer's
 backward. `.parameters()` yields only the fp32 master deltas, so any optimizer works (call `sync()`
 after its step to write the weights); `SparseAdamW` does both in one fused launch.
+
+Quantized layers (bitsandbytes, torchao) cannot hold ``W0 + Δ``: they add the unmerged sparse term
+``x · Δᵀ`` to their own output instead, and nothing is written back (spra_tools.quantized).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import ops
+from .. import ops, quantized
 from ..adapter import Adapter, TensorDelta
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import TORCH_DTYPES, dtype_name
@@ -102,7 +106,8 @@ class SparseModel(nn.Module):
     model's ``config.name_or_path`` when that is a local checkpoint). The adapter is keyed by its
     tensor names (`spra_tools.names`: ``base_model_prefix``, renames on load, tied weights) and
     records its dtypes and fingerprints, so it applies to that checkpoint whatever class and
-    dtype trained it. Without a checkpoint the model's own names and weights stand in.
+    dtype trained it. Without a checkpoint the model's own names and weights stand in; a model with
+    quantized layers needs one (their fingerprints come from its full-precision values).
     """
 
     def __init__(self, model: nn.Module, density: float | None = None, seed: int | None = None,
@@ -113,15 +118,15 @@ class SparseModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         params = dict(model.named_parameters())
-        self.base = (
-            _checkpoint_of(model) if base is None else base if isinstance(base, Checkpoint) else open_checkpoint(base)
-        )
+        self.base = _checkpoint_of(model) if base is None else base if isinstance(base, Checkpoint) else _open(base)
         self.names = NameMap(model, None if self.base is None else self.base.names())
         ckpt_name = {n: self.names.checkpoint_name(n) for n in params}
+        qlayers = quantized.quantized_layers(model)
+        shapes = {n: quantized.logical_shape(qlayers[n]) if n in qlayers else tuple(p.shape) for n, p in params.items()}
         self._dense = set()
         if dense:
-            by_model = set(select(((n, "F32", tuple(p.shape)) for n, p in params.items()), list(dense)))
-            by_ckpt = set(select(((ckpt_name[n], "F32", tuple(p.shape)) for n, p in params.items()), list(dense)))
+            by_model = set(select(((n, "F32", shapes[n]) for n in params), list(dense)))
+            by_ckpt = set(select(((ckpt_name[n], "F32", shapes[n]) for n in params), list(dense)))
             self._dense = {n for n in params if n in by_model or ckpt_name[n] in by_ckpt}
         if adapter is not None:
             adapter = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
@@ -134,11 +139,11 @@ class SparseModel(nn.Module):
         else:
             if density is None or seed is None:
                 raise SpraError("SparseModel needs density and seed (or an adapter)")
-            candidates = [(ckpt_name[n], "F32", tuple(p.shape)) for n, p in params.items() if n not in self._dense]
+            candidates = [(ckpt_name[n], "F32", shapes[n]) for n in params if n not in self._dense]
             chosen = set(select(candidates, targets, exclude)) if candidates else set()
             # Seeded supports are drawn under checkpoint names: the ones `create` draws on the base.
             supports = {
-                n: SeededSupport(seed, ckpt_name[n], params[n].numel(), density)
+                n: SeededSupport(seed, ckpt_name[n], math.prod(shapes[n]), density)
                 for n in params
                 if ckpt_name[n] in chosen
             }
@@ -150,7 +155,19 @@ class SparseModel(nn.Module):
         self._sites: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}  # name -> W, idx, W0[s]
         self._patched: list[nn.Module] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
+        self._unmerged: dict[str, quantized.UnmergedDelta] = {}
         for name, support in supports.items():
+            if name in qlayers:
+                if name in self._dense:
+                    raise SpraError(f"tensor {name!r}: a quantized layer cannot train densely")
+                key = ckpt_name[name]
+                init = adapter.deltas[key].values.float() if adapter is not None else torch.zeros(support.count)
+                self._unmerged[name] = site = quantized.UnmergedDelta.of(key, qlayers[name], support, self.base, model)
+                self.base = site.checkpoint  # opened once for all layers
+                key = name.replace(".", "/")
+                self.deltas[key] = nn.Parameter(init.to(qlayers[name].weight.device))
+                site.layer.patch(lambda key=key: self.deltas[key])
+                continue
             weight = params.get(name)
             whole = name in self._dense and not holders.get(id(weight))
             if weight is None or not (holders.get(id(weight)) or whole):
@@ -222,26 +239,34 @@ class SparseModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def sites(self):
-        """(name, delta parameter, weight, support indices, originals) of every adapted tensor."""
+        """(name, delta parameter, weight, support indices, originals) of every adapted tensor; weight
+        and originals are None for a quantized layer (its delta is never written into it)."""
         for name, (weight, idx, original) in self._sites.items():
             yield name, self.deltas[name.replace(".", "/")], weight, idx, original
+        for name, site in self._unmerged.items():
+            yield name, self.deltas[name.replace(".", "/")], None, site.layer.indices, None
 
     @torch.no_grad()
     def sync(self) -> None:
         """Write ``W[s] = cast(W0[s] + Δ)`` for every adapted weight (after a plain optimizer's step)."""
         for _, delta, weight, idx, original in self.sites():
-            ops.restore(weight.data, idx, original)
-            ops.scatter_apply(weight.data, idx, delta.detach())
+            if weight is not None:
+                ops.restore(weight.data, idx, original)
+                ops.scatter_apply(weight.data, idx, delta.detach())
 
     @torch.no_grad()
     def restore(self) -> None:
         """The base weights, bit for bit (the deltas are kept; `sync` re-applies them)."""
         for _, _, weight, idx, original in self.sites():
-            ops.restore(weight.data, idx, original)
+            if weight is not None:
+                ops.restore(weight.data, idx, original)
 
     def merged(self) -> nn.Module:
         """The plain model with the deltas merged (``cast(W0 + Δ)``, what `apply` gives for fp32
         values), its layers unpatched and trainable again; this wrapper is spent afterwards."""
+        if self._unmerged:
+            raise SpraError("quantized layers cannot take the deltas in place: save the adapter and apply it to the "
+                            "full-precision checkpoint")  # fmt: skip
         self.sync()
         for module in self._patched:
             del module.forward
@@ -262,6 +287,9 @@ class SparseModel(nn.Module):
         converted = False
         for name, delta, weight, idx, original in self.sites():
             key = self.names.checkpoint_name(name)
+            if name in self._unmerged:
+                deltas[key] = self._unmerged[name].delta(delta.detach().to(values_dtype).cpu())
+                continue
             if name in self._dense:
                 value = weight.detach().clone().cpu()
                 if self.base is not None and key in self.base:  # stored in the checkpoint's dtype
@@ -282,8 +310,11 @@ class SparseModel(nn.Module):
             base = {"name": getattr(getattr(self.model, "config", None), "name_or_path", None) or None}
         provenance = {"method": "train", **(provenance or {})}
         task = {**({"architecture": type(self.model).__name__} if task else {}), **(task or {})}
-        # Trained in another dtype than the checkpoint's, the weights `apply` writes differ by rounding.
-        exact = values_dtype == torch.float32 and not converted
+        if self._unmerged:  # how the base was quantized; the checkpoint is recorded as for any base
+            provenance["quantization"] = quantized.quantization_record(self.model)
+        # Trained in another dtype than the checkpoint's, or on a quantized copy of it, the weights
+        # `apply` writes differ from the trained model's.
+        exact = values_dtype == torch.float32 and not converted and not self._unmerged
         return Adapter(deltas, dense, base, task, provenance, exact)
 
     def save(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
@@ -316,9 +347,16 @@ class _Whole(nn.Module):
         return _DenseGrad.apply(weight, self._delta())
 
 
+def _open(base: str | os.PathLike) -> Checkpoint:
+    try:
+        return open_checkpoint(base)
+    except SpraError as e:
+        raise SpraError(f"the base checkpoint given to SparseModel: {e}") from None
+
+
 def _checkpoint_of(model: nn.Module) -> Checkpoint | None:
     """The local checkpoint `model` was loaded from (transformers records its path), if any."""
-    path = getattr(getattr(model, "config", None), "name_or_path", None)
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
     if not path or not Path(path).exists():
         return None
     try:
@@ -380,6 +418,17 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["step"] += 1
             for step in sorted({self.state[p]["step"] for p in params}):  # one launch when all are in step
                 same = [p for p in params if self.state[p]["step"] == step]
+                unmerged = [p for p in same if self._sites[id(p)][2] is None]  # quantized layers: no write-back
+                if unmerged:
+                    ops.adamw_step_deltas(
+                        [p.data for p in unmerged], [p.grad.float().contiguous() for p in unmerged],
+                        [self.state[p]["exp_avg"] for p in unmerged], [self.state[p]["exp_avg_sq"] for p in unmerged],
+                        lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                        step=step, grad_scale=None if scale is None else scale.to(unmerged[0].device),
+                    )  # fmt: skip
+                    same = [p for p in same if self._sites[id(p)][2] is not None]
+                    if not same:
+                        continue
                 sites = [self._sites[id(p)] for p in same]
                 ops.adamw_step(
                     [s[2].data for s in sites],
