@@ -24,7 +24,7 @@ from ..targets import PRESETS
 
 VERSION = 1
 # Settings that may differ between a run and its resumption (they change nothing it computes).
-_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite")
+_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite", "fsdp")
 
 
 Task = Literal["causal-lm", "seq-cls"]
@@ -88,6 +88,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _setting("auto", "Where to train (auto: CUDA when visible).")
     dtype: Literal["bf16", "fp32"] = _setting("bf16", "Of the frozen base weights and activations.")
     gradient_checkpointing: bool = _setting(False, "Recompute activations in backward (less memory).")
+    # How the run is spread, not what it computes: resumable either way (`_RESUMABLE`).
+    fsdp: bool = _setting(
+        False,
+        "Shard the base over the torchrun processes with FSDP2 (bases larger than one GPU); "
+        "without it each process holds the whole base (DDP).",
+    )
     log_dir: str | None = _setting(None, "metrics.jsonl, TensorBoard events and curves.png go here.", metavar="DIR")
     values_dtype: ValuesDtype = _setting("bf16", "Of the delta values stored in the adapter.")
     overwrite: bool = _setting(False, "Replace OUTPUT if it exists.")

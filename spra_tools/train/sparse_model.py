@@ -128,11 +128,12 @@ class SparseModel(nn.Module):
             if weight is None or not holders.get(id(weight)):
                 raise SpraError(f"tensor {name!r}: not the weight of a Linear, Conv1D or Embedding layer of this model")
             idx = ops.support_indices(support, weight.device)
-            original = ops.gather(weight.data, idx).clone()
+            target, target_idx, part = self._local(name, weight, idx)
+            original = ops.gather(target.data, target_idx).clone()
             init = adapter.deltas[name].values.float() if adapter is not None else torch.zeros(support.count)
             key = name.replace(".", "/")
-            self.deltas[key] = nn.Parameter(init.to(weight.device))
-            self._sites[name] = (weight, idx, original)
+            self.deltas[key] = nn.Parameter(init[part].to(weight.device))
+            self._sites[name] = (target, target_idx, original)
             for module in holders[id(weight)]:  # tied weights: every user contributes to one delta
                 self._patch(module, key, idx)
         self._supports = supports
@@ -148,16 +149,40 @@ class SparseModel(nn.Module):
                 raise SpraError(f"embedding {type(module).__name__}: max_norm / scale_grad_by_freq are not supported")
 
             def forward(ids, module=module):
-                return _SupportEmbedding.apply(ids, module.weight, self.deltas[key], idx, module.padding_idx)
+                return _SupportEmbedding.apply(ids, module.weight, self._grad_input(key), idx, module.padding_idx)
 
         else:
             transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out], y = x W + b
 
             def forward(x, module=module):
-                return _SupportLinear.apply(x, module.weight, module.bias, self.deltas[key], idx, transposed)
+                return _SupportLinear.apply(x, module.weight, module.bias, self._grad_input(key), idx, transposed)
 
         module.forward = forward
         self._patched.append(module)
+
+    # Where this process's part of an adapted weight lives: the hooks `distributed.ShardedSparseModel`
+    # overrides to keep only a rank's shard of each weight and its segment of the support.
+    def _local(self, name: str, weight: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(the tensor the optimizer writes, the support's flat indices into it, the slice of the
+        support's values they are): in one process the whole weight and the whole support."""
+        return weight, idx, slice(None)
+
+    def _grad_input(self, key: str) -> torch.Tensor:
+        """The tensor an adapted layer's support gradient (whole support, [count] fp32) is returned for."""
+        return self.deltas[key]
+
+    def whole(self, name: str, part: torch.Tensor) -> torch.Tensor:
+        """A per-support-element tensor of `name` (delta, moment, original) over its whole support,
+        from this process's part: itself here (under FSDP2 a collective every rank calls)."""
+        return part
+
+    def part(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """The inverse of `whole`: this process's part of a whole per-support-element tensor."""
+        return whole
+
+    def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The gradient norm over every process's deltas, from this process's (`norm`)."""
+        return norm
 
     def parameters(self, recurse: bool = True):  # only the master deltas train
         return self.deltas.parameters()
@@ -207,13 +232,13 @@ class SparseModel(nn.Module):
                 task: dict | None = None) -> Adapter:  # fmt: skip
         deltas, dense = {}, {}
         for name, delta, weight, _, original in self.sites():
-            if name in self._dense:
-                dense[name] = weight.detach().clone().cpu()
+            shape = tuple(self.model.get_parameter(name).shape)
+            if name in self._dense:  # its support is every element, so `whole` gathers the weight
+                dense[name] = self.whole(name, weight.detach().reshape(-1)).reshape(shape).clone().cpu()
                 continue
-            values = delta.detach().to(values_dtype).cpu()
-            deltas[name] = TensorDelta(
-                name, tuple(weight.shape), weight.dtype, self._supports[name], values, fingerprints(original.cpu())
-            )
+            values = self.whole(name, delta.detach()).to(values_dtype).cpu()
+            original = self.whole(name, original).cpu()
+            deltas[name] = TensorDelta(name, shape, weight.dtype, self._supports[name], values, fingerprints(original))
         base = {"name": getattr(getattr(self.model, "config", None), "name_or_path", None) or None}
         provenance = {"method": "train", **(provenance or {})}
         return Adapter(deltas, dense, base, task or {}, provenance, values_dtype == torch.float32)
@@ -248,6 +273,7 @@ class SparseAdamW(torch.optim.Optimizer):
         sites = list(model.sites())
         super().__init__([s[1] for s in sites], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._sites = {id(s[1]): s for s in sites}
+        self._global_norm = model._global_norm
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
 
@@ -260,7 +286,7 @@ class SparseAdamW(torch.optim.Optimizer):
         live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         scale = None
         if live:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in live])))
+            norm = self._global_norm(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in live]))))
             self.last_grad_norm = norm
             if self.max_grad_norm is not None:
                 scale = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0).to(torch.float32).reshape(1)
