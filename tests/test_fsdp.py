@@ -34,7 +34,8 @@ TOLERANCE = dict(rtol=1e-3, atol=2e-5)
 
 def _settings(root, out, **kw) -> dict:
     settings = dict(base=str(root / "base"), data=str(root / "corpus.jsonl"), output=str(out), steps=STEPS,
-                    lr=1e-3, density=0.05, seed=3, batch_size=4, dtype="fp32", values_dtype="fp32",
+                    eval_data=str(root / "corpus.jsonl"), eval_every=INTERRUPT_AT,
+                    lr=1e-3, density=0.05, seed=3, batch_size=4, grad_accum=2, dtype="fp32", values_dtype="fp32",
                     targets=("all-linear", r"lm_head\.weight$"), device="cpu", max_grad_norm=1.0)  # fmt: skip
     settings.update(kw)
     return settings
@@ -49,7 +50,8 @@ def _interrupt_at(step: int):
 
 
 def _worker(rank: int, root, ports: list[int]) -> None:
-    """One rank of the three FSDP2 runs: uninterrupted; interrupted after INTERRUPT_AT; resumed."""
+    """One rank of the three FSDP2 runs: uninterrupted; interrupted after INTERRUPT_AT; resumed. With
+    activation checkpointing, which recomputes each layer (and its all-gather) in backward."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
     runs = [
@@ -59,7 +61,8 @@ def _worker(rank: int, root, ports: list[int]) -> None:
     ]
     for port, (kw, on_step) in zip(ports, runs):
         os.environ["MASTER_PORT"] = str(port)
-        config = TrainConfig.from_dict(_settings(root, kw.pop("output"), batch_size=4 // WORLD, fsdp=True, **kw))
+        settings = _settings(root, kw.pop("output"), batch_size=4 // WORLD, fsdp=True, gradient_checkpointing=True)
+        config = TrainConfig.from_dict({**settings, **kw})
         try:
             train(config, echo=lambda *_: None, progress=False, on_step=on_step)
         except SpraError:
@@ -79,15 +82,20 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The tiny base, one process's run (batch 4) and the three FSDP2 runs (2 processes x batch 2)."""
-    root = tmp_path_factory.mktemp("fsdp")
-    build_tiny_model("llama", root / "base", torch.float32, hidden=64, layers=2)
+def _make_base(root, dtype) -> None:
+    """A tiny Llama with a word-level tokenizer, and its corpus."""
+    build_tiny_model("llama", root / "base", dtype, hidden=64, layers=2)
     build_word_tokenizer(CORPUS.split(), root / "base")
     words = CORPUS.split()
     lines = [" ".join(words[i : i + 16]) for i in range(0, len(words) - 16, 4)]
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The tiny base, one process's run (batch 4) and the three FSDP2 runs (2 processes x batch 2)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    _make_base(root, torch.float32)
     one = TrainConfig.from_dict(_settings(root, root / "one.spra", checkpoint_dir=str(root / "ck_one")))
     train(one, echo=lambda *_: None, progress=False)
     mp.spawn(_worker, args=(root, _free_ports(3)), nprocs=WORLD)
@@ -98,6 +106,8 @@ def test_fsdp_trains_the_adapter_of_one_process(runs):
     one, two = Adapter.load(runs / "one.spra"), Adapter.load(runs / "fsdp.spra")
     assert set(two.deltas) == set(one.deltas) and len(one.deltas) == 2 * 7 + 1
     assert two.provenance["steps"] == STEPS and two.provenance["tokens"] == one.provenance["tokens"]
+    for kind in ("baseline_eval", "best_eval"):  # every rank evaluates the whole eval set through FSDP2
+        assert two.provenance[kind]["loss"] == pytest.approx(one.provenance[kind]["loss"], rel=1e-4)
     for name, delta in one.deltas.items():
         other = two.deltas[name]
         assert other.support == delta.support and other.shape == delta.shape and other.fingerprint == delta.fingerprint
@@ -138,15 +148,25 @@ def test_fsdp_adapter_applies_and_loads_in_transformers(runs, tmp_path, call_cli
     torch.testing.assert_close(logits["fsdp"], logits["one"], rtol=1e-3, atol=1e-4)
 
 
+def test_fsdp_in_one_process_trains_the_unsharded_adapter_bit_for_bit(tmp_path):
+    """--fsdp without torchrun: a group of one, whose shards are the whole weights and whose
+    reductions add nothing, so every value is the plain loop's."""
+    _make_base(tmp_path, torch.float32)
+    for name, kw in (("plain", {}), ("fsdp", dict(fsdp=True))):
+        settings = _settings(tmp_path, tmp_path / f"{name}.spra", eval_data=None, eval_every=None, steps=2, **kw)
+        train(TrainConfig.from_dict(settings), echo=lambda *_: None, progress=False)
+    plain, fsdp = Adapter.load(tmp_path / "plain.spra"), Adapter.load(tmp_path / "fsdp.spra")
+    assert set(fsdp.deltas) == set(plain.deltas)
+    for name, delta in plain.deltas.items():
+        assert delta.values.abs().sum() > 0 and torch.equal(fsdp.deltas[name].values, delta.values), name
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fsdp_world_size_one_on_gpu_trains_the_unsharded_adapter(tmp_path):
     """FSDP2 over one GPU (bf16 base): the adapter, the checkpoint and a bit-exact resume."""
-    build_tiny_model("llama", tmp_path / "base", torch.bfloat16, hidden=128, layers=2)
-    build_word_tokenizer(CORPUS.split(), tmp_path / "base")
-    words = CORPUS.split()
-    lines = [" ".join(words[i : i + 16]) for i in range(0, len(words) - 16, 4)]
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    _make_base(tmp_path, torch.bfloat16)
     common = dict(device="cuda", dtype="bf16")
     for name, kw in (("plain", {}), ("fsdp", dict(fsdp=True))):
         train(TrainConfig.from_dict(_settings(tmp_path, tmp_path / f"{name}.spra", **common, **kw)), progress=False)
