@@ -121,12 +121,12 @@ class ShardedSparseModel(SparseModel):
         offsets = self._segments[name]
         world = len(offsets) - 1
         longest = max(b - a for a, b in zip(offsets, offsets[1:]))
-        send = grad.new_zeros(world, longest)  # rank-major, each segment padded to the longest
-        for r in range(world):
-            send[r, : offsets[r + 1] - offsets[r]] = grad[offsets[r] : offsets[r + 1]]
+        pad = grad.new_zeros(longest)
+        pieces = [(grad[a:b], pad[: longest - (b - a)]) for a, b in zip(offsets, offsets[1:])]
+        send = torch.cat([t for piece in pieces for t in piece])  # rank-major, each segment padded to the longest
         send.div_(world)  # the mean over ranks, divided before the sum as DDP does
         out = grad.new_empty(longest)
-        work = _reduce_scatter(out, send.view(-1), group=self._group, async_op=True)
+        work = _reduce_scatter(out, send, group=self._group, async_op=True)
         if not self._pending:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         rank = self._rank()
