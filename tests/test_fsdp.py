@@ -58,6 +58,7 @@ def _worker(rank: int, root, ports: list[int]) -> None:
         (dict(output=str(root / "fsdp.spra"), checkpoint_dir=str(root / "ck_full")), None),
         (dict(output=str(root / "resumed.spra"), checkpoint_dir=str(root / "ck_cut")), _interrupt_at(INTERRUPT_AT)),
         (dict(output=str(root / "resumed.spra"), checkpoint_dir=str(root / "ck_cut"), resume=True), None),
+        (dict(CLS, output=str(root / "cls_fsdp.spra"), data=str(root / CLS["data"])), None),
     ]
     for port, (kw, on_step) in zip(ports, runs):
         os.environ["MASTER_PORT"] = str(port)
@@ -89,6 +90,18 @@ def _make_base(root, dtype) -> None:
     words = CORPUS.split()
     lines = [" ".join(words[i : i + 16]) for i in range(0, len(words) - 16, 4)]
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    # Three labels: the new head's 3 rows split 2 + 1 over two ranks, an uneven (padded) shard.
+    texts = [" ".join(words[(5 * i + j) % len(words)] for j in range(6)) for i in range(24)]
+    rows = [{"text": t, "label": "abc"[i % 3]} for i, t in enumerate(texts)]
+    (root / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# A new classification head (trained densely, stored whole) under FSDP2.
+CLS = dict(task="seq-cls", data="cls.jsonl", eval_data=None, eval_every=None, grad_accum=1)
+
+
+def _cls_settings(root, out, **kw) -> dict:
+    return _settings(root, out, **{**CLS, "data": str(root / CLS["data"]), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +111,8 @@ def runs(tmp_path_factory):
     _make_base(root, torch.float32)
     one = TrainConfig.from_dict(_settings(root, root / "one.spra", checkpoint_dir=str(root / "ck_one")))
     train(one, echo=lambda *_: None, progress=False)
-    mp.spawn(_worker, args=(root, _free_ports(3)), nprocs=WORLD)
+    train(TrainConfig.from_dict(_cls_settings(root, root / "cls_one.spra")), echo=lambda *_: None, progress=False)
+    mp.spawn(_worker, args=(root, _free_ports(4)), nprocs=WORLD)
     return root
 
 
@@ -113,6 +127,16 @@ def test_fsdp_trains_the_adapter_of_one_process(runs):
         assert other.support == delta.support and other.shape == delta.shape and other.fingerprint == delta.fingerprint
         assert delta.values.abs().sum() > 0
         torch.testing.assert_close(other.values, delta.values, **TOLERANCE, msg=name)
+
+
+def test_fsdp_trains_a_new_classification_head_as_one_process(runs):
+    one, two = Adapter.load(runs / "cls_one.spra"), Adapter.load(runs / "cls_fsdp.spra")
+    assert set(two.dense) == set(one.dense) == {"score.weight"} and set(two.deltas) == set(one.deltas)
+    head = one.dense["score.weight"]
+    assert head.shape == (3, 64) and two.task == one.task
+    torch.testing.assert_close(two.dense["score.weight"], head, **TOLERANCE)
+    for name, delta in one.deltas.items():
+        torch.testing.assert_close(two.deltas[name].values, delta.values, **TOLERANCE, msg=name)
 
 
 def test_fsdp_writes_the_file_one_process_writes_from_the_same_deltas(runs, tmp_path):

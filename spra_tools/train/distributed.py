@@ -18,6 +18,9 @@ micro-batch touches every support element), into a zero-stride stand-in of the d
 it exists a hook launches its reduce-scatter (rank-major, each segment padded to the longest), and
 the end of backward waits for them and adds each rank's part to its deltas' `.grad`: the mean over
 ranks, as DDP takes it. `no_sync()` defers the reduction across accumulated micro-batches.
+
+Every rank regenerates each adapted layer's whole support (microseconds on a GPU): its backward
+needs all of it. The rank's segment is then two binary searches at its shard's bounds.
 """
 
 from __future__ import annotations
