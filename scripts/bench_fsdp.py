@@ -80,14 +80,14 @@ def init(device_arg: str) -> tuple[torch.device, int, int]:
     return torch.device("cuda", local) if on_gpu else torch.device("cpu"), rank, world
 
 
-def build_sharded(shape: Shape, device: torch.device):
+def build_sharded(shape: Shape, device: torch.device, reshard_after_forward: bool = True):
     """The model on the meta device, sharded by FSDP2, then each rank's shards allocated and filled
     (normal(0, 0.02) for matrices, ones for norms; the seed differs per rank: a random-init benchmark)."""
     from spra_tools.train.distributed import shard_model
 
     with torch.device("meta"), default_dtype(torch.bfloat16):
         model = transformers.LlamaForCausalLM(shape.config())
-    shard_model(model, device)
+    shard_model(model, device, reshard_after_forward=reshard_after_forward)
     model.to_empty(device=device)
     torch.manual_seed(dist.get_rank())
     with torch.no_grad():
@@ -103,7 +103,8 @@ def build_sharded(shape: Shape, device: torch.device):
     return model.train()
 
 
-def run_row(mode: str, target: str, shape: Shape, device, steps: int, warmup: int, checkpointing: bool) -> dict:
+def run_row(mode: str, target: str, shape: Shape, device, steps: int, warmup: int, checkpointing: bool,
+            keep_gathered: bool) -> dict:  # fmt: skip
     from spra_tools.train import SparseAdamW, SparseModel
     from spra_tools.train.distributed import ShardedSparseModel
 
@@ -114,7 +115,7 @@ def run_row(mode: str, target: str, shape: Shape, device, steps: int, warmup: in
         torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if mode == "fsdp":
-        model = build_sharded(shape, device)
+        model = build_sharded(shape, device, reshard_after_forward=not keep_gathered)
         sm = ShardedSparseModel(model, density=lora / base, seed=0, targets=[preset])
         forward = sm
     else:
@@ -165,7 +166,8 @@ def run_row(mode: str, target: str, shape: Shape, device, steps: int, warmup: in
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"{meta['date']} · {meta['device']} x {meta['world']} · torch {meta['torch']} · shape {meta['shape']} "
-             f"(batch {meta['batch']}x{meta['seq']} per rank)", "",
+             f"(batch {meta['batch']}x{meta['seq']} per rank)"
+             + "".join(f" · {k.replace('_', ' ')}" for k in ("gradient_checkpointing", "keep_gathered") if meta[k]), "",
              "| mode | targets | values | step ms | tokens/s/GPU | peak GiB/GPU | all-gather MiB | reduce MiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
@@ -196,6 +198,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--keep-gathered",
+        action="store_true",
+        help="FSDP2 keeps each layer gathered from forward to backward (reshard_after_forward=False)",
+    )
     parser.add_argument("--json", help="also write the rows here (rank 0)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
@@ -208,7 +215,8 @@ def main() -> None:
     for mode in args.modes:
         for target in args.targets:
             try:
-                row = run_row(mode, target, shape, device, args.steps, args.warmup, args.gradient_checkpointing)
+                row = run_row(mode, target, shape, device, args.steps, args.warmup, args.gradient_checkpointing,
+                              args.keep_gathered)  # fmt: skip
             except torch.OutOfMemoryError:
                 row = {"mode": mode, "targets": target, "error": "out of memory"}
             except Exception as e:  # one row failing leaves the others
@@ -219,7 +227,8 @@ def main() -> None:
                 print(json.dumps(row), file=sys.stderr, flush=True)
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "world": world,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "shape": shape.name, "batch": shape.batch, "seq": shape.seq}  # fmt: skip
+            "shape": shape.name, "batch": shape.batch, "seq": shape.seq,
+            "gradient_checkpointing": args.gradient_checkpointing, "keep_gathered": args.keep_gathered}  # fmt: skip
     if rank == 0:
         print(markdown(meta, rows))
         if args.json:

@@ -1,6 +1,7 @@
 """`spra-tools train --fsdp`: the base sharded by FSDP2 over two gloo processes (spawned here) trains
 the adapter one process trains on the same global batch, writes an ordinary .spra that `apply` and
-transformers take, and resumes bit-exactly; world size 1 on a GPU trains what the unsharded loop does."""
+transformers take, and resumes bit-exactly; world size 1 on a GPU trains what the unsharded loop
+does, and two GPUs (NCCL) what one does."""
 
 from __future__ import annotations
 
@@ -219,3 +220,30 @@ def test_fsdp_world_size_one_on_gpu_trains_the_unsharded_adapter(tmp_path):
     original = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
     idx = torch.from_numpy(fsdp.deltas[name].support.indices())
     assert not torch.equal(weight[idx], original.get_parameter(name).detach().reshape(-1)[idx])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fsdp_on_two_gpus_trains_the_adapter_of_one(tmp_path):
+    """torchrun --nproc-per-node 2 --fsdp over NCCL (batch 2 each) = one GPU, batch 4."""
+    import subprocess
+    import sys
+
+    from conftest import _clean_env
+
+    _make_base(tmp_path, torch.float32)
+    args = ["train", tmp_path / "base", "--data", tmp_path / "corpus.jsonl", "--steps", "4", "--lr", "1e-3",
+            "--density", "0.05", "--device", "cuda", "--dtype", "fp32", "--values-dtype", "fp32", "--seed", "3"]  # fmt: skip
+    env = _clean_env({"OMP_NUM_THREADS": "1"})
+    one = subprocess.run([sys.executable, "-m", "spra_tools", *map(str, args), "--batch-size", "4",
+                          "-o", tmp_path / "one.spra"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "spra_tools", *map(str, args), "--batch-size", "2", "--fsdp",
+                          "-o", tmp_path / "two.spra"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = Adapter.load(tmp_path / "one.spra"), Adapter.load(tmp_path / "two.spra")
+    assert b.provenance["tokens"] == a.provenance["tokens"]
+    for name, delta in a.deltas.items():
+        assert delta.values.abs().sum() > 0
+        torch.testing.assert_close(b.deltas[name].values, delta.values, **TOLERANCE, msg=name)

@@ -85,6 +85,11 @@ class ShardedSparseModel(SparseModel):
         self._pending: list = []  # (key, reduce-scatter work, its output, this rank's count) of this backward
         self._syncing = True
         self._group = None
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():  # a forward without backward may have left weights gathered
+            if isinstance(module, FSDPModule):
+                module.reshard()
         super().__init__(model, *args, **kwargs)
 
     def _local(self, name, weight, idx):
