@@ -42,6 +42,7 @@ from . import ops
 from .adapter import Adapter
 from .errors import MismatchError, SpraError
 from .fingerprint import mismatches
+from .names import NameMap
 from .support import SeededSupport
 
 
@@ -150,12 +151,17 @@ def as_adapter(adapter_or_path) -> Adapter:
 
 def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Handle:
     """A detached handle of `adapter` on `model`: parameters resolved, fingerprints verified against
-    the base values (MismatchError naming `where` otherwise), values on the weights' devices."""
+    the base values (MismatchError naming `where` otherwise), values on the weights' devices.
+
+    The adapter's tensors are checkpoint names; each resolves to the parameter transformers loads it
+    into (`spra_tools.names`: a task class over a bare base, a bare class over a task checkpoint,
+    renames on load)."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    names = NameMap(model, [*adapter.deltas, *adapter.dense])
     groups: dict[tuple, _Group] = {}
     seen: set[int] = set()
     for name, delta in adapter.deltas.items():
-        param = params.get(name)
+        param = params.get(names.model_name(name) or name)
         if param is None:
             raise MismatchError(f"tensor {name!r}: not a parameter of this model; is this the adapter's base?", where)
         if id(param) in seen:  # a tied weight already adapted under its other name
@@ -176,7 +182,7 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
         g.counts.append(delta.support.count)
     dense = {}
     for name, value in adapter.dense.items():
-        param = params.get(name)
+        param = params.get(names.model_name(name) or name)
         if param is None or tuple(param.shape) != tuple(value.shape):
             raise MismatchError(f"dense tensor {name!r}: no parameter of that name and shape in the model", where)
         dense[name] = (param, value.to(param.device, param.dtype))

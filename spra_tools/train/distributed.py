@@ -118,6 +118,16 @@ class ShardedSparseModel(SparseModel):
     def _grad_input(self, key):
         return self._sinks[key]
 
+    def _architecture(self):
+        from torch.distributed.fsdp import FSDPModule
+
+        # fully_shard swapped the model's class for a subclass of FSDPModule and it.
+        return next(c for c in type(self.model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+    def _parametrize(self, model, name, key):
+        raise SpraError(f"tensor {name!r}: under FSDP2 only the weights of Linear, Conv1D and Embedding layers "
+                        "train (a head's bias or norm weight cannot train whole)")  # fmt: skip
+
     def _rank(self) -> int:
         return dist.get_rank(self._group)
 

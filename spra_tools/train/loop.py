@@ -126,10 +126,17 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     return model.to(device)
 
 
-def _head_patterns(model) -> list[str]:
-    """Regexes of the new classification head's tensors (trained densely, stored whole)."""
-    names = [n for n, _ in model.named_parameters() if n.split(".")[0] in ("score", "classifier")]
-    return [f"^{re.escape(n)}$" for n in names]
+def _head_patterns(model, checkpoint) -> list[str]:
+    """Regexes of the classification head's tensors (trained densely, stored whole): every parameter
+    the task class adds around its base model (weights, biases, norms; one layer or several), and
+    every parameter the checkpoint lacks (transformers initialized it anew)."""
+    from ..names import NameMap
+
+    names = NameMap(model, checkpoint.names())
+    base = getattr(model, "base_model", model)
+    inside = {id(p) for p in base.parameters()} if base is not model else set()
+    head = [n for n, p in model.named_parameters() if id(p) not in inside or names.is_new(n)]
+    return [f"^{re.escape(n)}$" for n in head]
 
 
 @dataclass
@@ -207,7 +214,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     # Under FSDP2 the model loads on the host and moves to the device one sharded layer at a time.
     on = torch.device("cpu") if config.fsdp else device
     model = _load_model(config, base_dir, on, train_data.id2label, tokenizer.pad_token_id)
-    sm = _sparse_model(config, model, device)
+    sm = _sparse_model(config, model, checkpoint, device)
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
     pad_to = _pad_to(config.max_length)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
@@ -282,16 +289,17 @@ def _data_record(data: TokenizedData) -> dict:
             "dropped": data.dropped}  # fmt: skip
 
 
-def _sparse_model(config: TrainConfig, model, device: torch.device) -> SparseModel:
-    """`model` made trainable at its seeded support (a new classification head densely), in train
-    mode; with --fsdp sharded first."""
-    dense = _head_patterns(model) if config.task == "seq-cls" else ()
+def _sparse_model(config: TrainConfig, model, checkpoint, device: torch.device) -> SparseModel:
+    """`model` made trainable at its seeded support (a classification head densely), in train mode,
+    its adapter keyed by and fingerprinted against `checkpoint`; with --fsdp sharded first."""
+    dense = _head_patterns(model, checkpoint) if config.task == "seq-cls" else ()
     kind = SparseModel
     if config.fsdp:
         from .distributed import ShardedSparseModel, shard_model
 
         model, kind = shard_model(model, device), ShardedSparseModel
-    sm = kind(model, config.density, config.seed, config.targets, config.exclude, dense=dense)
+    sm = kind(model, config.density, config.seed, config.targets, config.exclude, dense=dense,
+              base=checkpoint)  # fmt: skip
     if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
