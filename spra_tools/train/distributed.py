@@ -54,8 +54,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def shard_model(model: nn.Module, device: torch.device, mesh=None, mp_policy=None, reshard_after_forward=True):
     """`model` frozen and sharded in place by FSDP2 over all ranks (or `mesh`, 1-D): `fully_shard` on
     every decoder layer, then on the root (embeddings, final norm, head). Its states move to
-    `device` one layer at a time. `mp_policy` (a MixedPrecisionPolicy) and `reshard_after_forward`
-    are fully_shard's; activation checkpointing is the model's own (`gradient_checkpointing_enable`)."""
+    `device` one layer at a time. `mp_policy` (a MixedPrecisionPolicy) is fully_shard's, and so is
+    `reshard_after_forward`, for the decoder layers; activation checkpointing is the model's own
+    (`gradient_checkpointing_enable`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -63,12 +64,10 @@ def shard_model(model: nn.Module, device: torch.device, mesh=None, mp_policy=Non
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for p in model.parameters():
         p.requires_grad_(False)
-    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if mp_policy is not None:
-        options["mp_policy"] = mp_policy
+    options = dict(mesh=mesh) if mp_policy is None else dict(mesh=mesh, mp_policy=mp_policy)
     for layer in decoder_layers(model):
-        fully_shard(layer, **options)
-    fully_shard(model, **options)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model, **options)  # the root stays gathered from forward to backward (FSDP2's default)
     return model
 
 
