@@ -70,17 +70,8 @@ def verify_adapter(ckpt: Checkpoint, adapter: Adapter, progress: bool = False) -
 
 def _structure_problems(ckpt: Checkpoint, adapter: Adapter) -> dict[str, str]:
     """Tensor name -> what is wrong, for names, shapes and dtypes (no tensor data is read)."""
-    problems = {}
-    for name, d in adapter.deltas.items():
-        if name not in ckpt:
-            problems[name] = "not in the base"
-            continue
-        info = ckpt.info(name)
-        if info.shape != d.shape:
-            problems[name] = f"shape {list(info.shape)} in the base, {list(d.shape)} in the adapter"
-        elif info.dtype != dtype_name(d.dtype):
-            problems[name] = f"dtype {info.dtype} in the base, {dtype_name(d.dtype)} in the adapter"
-    return problems
+    problems = {n: ckpt.mismatch(n, d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}
+    return {n: why for n, why in problems.items() if why}
 
 
 def apply_adapter(
@@ -100,11 +91,7 @@ def apply_adapter(
     adapters). Returns timing and size statistics.
     """
     for path, adapter in adapters:
-        problems = _structure_problems(ckpt, adapter)
-        if problems:
-            name, why = next(iter(problems.items()))
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise MismatchError(f"tensor {name!r}: {why}{more}; is this the adapter's base?", path)
+        ckpt.check_fits({n: (d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}, path)
         if not allow_nonfinite:
             adapter.check_finite(path)
     edited = {n for _, a in adapters for n in a.deltas}
