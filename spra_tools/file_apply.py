@@ -101,6 +101,7 @@ class _Edit:
     indices: np.ndarray = field(init=False)  # int64 [count], sorted
     delta: np.ndarray = field(init=False)  # float32 [count]: fp32(scale) * fp32(v)
     current: np.ndarray = field(init=False)  # raw bits at the support just before this edit
+    result: np.ndarray = field(init=False)  # raw bits at the support just after it
     original: np.ndarray | None = field(init=False)  # raw bits at the support in the base (chains only)
     done: int = 0  # support elements applied
 
@@ -108,9 +109,12 @@ class _Edit:
         r = self.record
         self.indices = r.support.indices()
         values = _as_float32(r.values, r.values_dtype)
-        with np.errstate(over="ignore", invalid="ignore"):  # a result not finite is dealt with where it lands
+        with np.errstate(over="ignore", invalid="ignore"):
             self.delta = values if self.scale == 1.0 else values * np.float32(self.scale)
+        if not np.isfinite(self.delta).all():
+            raise _NotFinite
         self.current = np.empty(r.support.count, dtype=f"<u{width}")
+        self.result = np.empty_like(self.current)
         self.original = np.empty_like(self.current) if chained else None
 
     def fits(self, bits: np.ndarray) -> bool:
@@ -146,7 +150,11 @@ class _Plan:
         return {n for n, edits in self.edits.items() if any(e.record.support.count for e in edits)}
 
     def patch(self, name: str, elements: np.ndarray, first: int) -> None:
-        """Apply every edit of tensor `name` to its raw elements [first, first + len(elements))."""
+        """Apply every edit of tensor `name` to its raw elements [first, first + len(elements)).
+
+        Called once per chunk of a few hundred KiB: kept to a dozen numpy calls on short arrays.
+        Whether the base values and results are finite is checked once per tensor, in `finish`
+        (a chunk with a result that is not finite may be written; the output is then discarded)."""
         edits = self.edits[name]
         dtype, numel = edits[0].record.dtype, edits[0].record.support.numel
         if first == 0:
@@ -155,28 +163,43 @@ class _Plan:
         end = first + elements.size
         spans = []
         for e in edits:
-            stop = e.done + int(np.searchsorted(e.indices[e.done :], end))
-            local = e.indices[e.done : stop] - first
+            lo, hi = e.done, int(np.searchsorted(e.indices, end))
+            local = e.indices[lo:hi] - first
             if e.original is not None:
-                e.original[e.done : stop] = elements[local]
-            spans.append((e, e.done, stop, local))
-        for e, lo, hi, local in spans:
-            bits = elements[local]
-            e.current[lo:hi] = bits
-            with np.errstate(over="ignore", invalid="ignore"):
-                summed = _to_float32(bits, dtype) + e.delta[lo:hi]
-            elements[local] = _from_float32(summed, dtype)
-            e.done = hi
+                e.original[lo:hi] = elements[local]
+            spans.append((e, lo, hi, local))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for e, lo, hi, local in spans:
+                bits = elements[local]
+                e.current[lo:hi] = bits
+                summed = _to_float32(bits, dtype)
+                summed += e.delta[lo:hi]
+                bits = _from_float32(summed, dtype)
+                e.result[lo:hi] = bits
+                elements[local] = bits
+                e.done = hi
         if end == numel:
             self.finish(name, edits)
 
     def finish(self, name: str, edits: list[_Edit]) -> None:
         """The fingerprint rule of surgery.apply_adapter: each adapter fingerprints the weights it
-        lands on or, in a chain of several on one tensor, the base."""
+        lands on or, in a chain of several on one tensor, the base. Base values or results that are
+        not finite leave the tensor to the in-memory path."""
         for e in edits:
+            if _any_not_finite(e.current, e.record.dtype) or _any_not_finite(e.result, e.record.dtype):
+                raise _NotFinite
             if not e.fits(e.current) and (e.original is None or not e.fits(e.original)):
                 raise MismatchError(f"tensor {name!r}: {MISMATCH}", e.path)
-            del e.indices, e.delta, e.current, e.original
+            del e.indices, e.delta, e.current, e.result, e.original
+
+
+# The exponent bits of each float dtype: all set means Inf or NaN.
+_EXPONENT = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000}
+
+
+def _any_not_finite(bits: np.ndarray, dtype: str) -> bool:
+    exponent = _EXPONENT[dtype]
+    return bool(((bits & exponent) == exponent).any())
 
 
 def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -185,28 +208,27 @@ def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw bits (unsigned, the dtype's width) as float32 (F32: the same memory)."""
     if dtype == "BF16":
-        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        wide = bits.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
     if dtype == "F16":
         return bits.view(np.float16).astype(np.float32)
     return bits.view(np.float32)
 
 
 def _from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 to the raw bits of `dtype`, rounded to nearest even (as torch casts); _NotFinite
-    where a result is not finite."""
-    if not np.isfinite(x).all():
-        raise _NotFinite
+    """float32 to the raw bits of `dtype`, rounded to nearest even as torch casts: exact for finite
+    inputs (the callers send Inf and NaN to the in-memory path). Reuses `x`'s memory."""
     if dtype == "BF16":
         u = x.view(np.uint32)
-        bits = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
-        overflow = (bits & np.uint16(0x7F80)) == np.uint16(0x7F80)
-    elif dtype == "F16":
-        with np.errstate(over="ignore"):
-            bits = x.astype(np.float16).view(np.uint16)
-        overflow = (bits & np.uint16(0x7C00)) == np.uint16(0x7C00)
-    else:
-        return x.view(np.uint32)
-    if overflow.any():
-        raise _NotFinite
-    return bits
+        odd = u >> 16
+        odd &= 1
+        u += odd
+        u += 0x7FFF
+        u >>= 16
+        return u.astype(np.uint16)
+    if dtype == "F16":
+        return x.astype(np.float16).view(np.uint16)
+    return x.view(np.uint32)
