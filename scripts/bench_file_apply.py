@@ -11,10 +11,12 @@ same parameter count. Then, in alternating rounds, each a fresh process and the 
   then ``save_pretrained``;
 * transformers + PEFT: load the base and the LoRA, ``merge_and_unload``, ``save_pretrained``.
 
-Page cache: warm — the base is read once before every round, so every command reads it from
+Page cache: warm — the base is read once before every command, so every command reads it from
 memory; outputs go to the page cache (no fsync, as `cp` does) and are flushed with `sync` and
-deleted between commands, outside the timings. Prints one markdown table: medians, min, ratios to
-`cp -r`, and the speed-up of apply over each load + merge + save.
+deleted between commands, outside the timings. Prints one markdown table: wall-clock medians and
+minima, CPU time (user + system, all threads; steadier than wall-clock on a shared machine), ratios
+to `cp -r`, and the speed-up of apply over each load + merge + save. A row for `spra-tools --help`
+shows what process start and imports alone cost.
 
     python scripts/bench_file_apply.py                        # ~1.1 GB, 0.1 %, 5 rounds
     python scripts/bench_file_apply.py --rounds 9 --skip-peft  # only cp and apply, more rounds
@@ -27,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -135,16 +138,19 @@ def read_through(path: Path) -> None:
                     pass
 
 
-def run(command: list[str], out: Path) -> float:
-    """Seconds of one command, from process start to exit; the output is then flushed and removed."""
+def run(command: list[str], out: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of one command, from process start to exit, CPU being user + system of
+    the process and its threads; the output is then flushed and removed."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
     os.sync()
     shutil.rmtree(out, ignore_errors=True)
-    return seconds
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def main():
@@ -173,6 +179,7 @@ def main():
             "-o",
             str(out),
         ],
+        "spra-tools --help (process start and imports alone)": [*spra_tools_command(), "--help"],
     }
     if not args.skip_peft:
         commands["transformers + peft-sparta loader: load, merge, save_pretrained"] = [
@@ -181,12 +188,12 @@ def main():
         commands[f"transformers + PEFT LoRA r={info['lora_rank']}: load, merge_and_unload, save_pretrained"] = [
             py, "-c", LORA_MERGE, str(base), info["lora"], str(out)
         ]  # fmt: skip
-    times: dict[str, list[float]] = {k: [] for k in commands}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
     for r in range(args.rounds):
         for what, command in commands.items():
             read_through(base)
             times[what].append(run(command, out))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v[-1]:.2f}" for v in times.values()), file=sys.stderr)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v[-1][0]:.2f}" for v in times.values()), file=sys.stderr)
 
     import numpy
     import torch
@@ -207,14 +214,18 @@ def main():
         f"{info['lora_params']:,} parameters). Page cache warm (base read before each command; outputs "
         f"not synced inside the timing). {args.rounds} alternating rounds, each command a fresh process.\n"
     )
-    print("| command | median | min | / cp -r | apply faster by |")
-    print("|---|---|---|---|---|")
-    cp = statistics.median(times["cp -r BASE OUT"])
-    apply = statistics.median(times["spra-tools apply BASE A.spra -o OUT"])
+    print("| command | wall, median | wall, min | wall / cp -r | CPU, median | CPU / cp -r | apply faster by |")
+    print("|---|---|---|---|---|---|---|")
+    cp, apply = times["cp -r BASE OUT"], times["spra-tools apply BASE A.spra -o OUT"]
+    cp_wall, cp_cpu = (statistics.median(t[i] for t in cp) for i in (0, 1))
+    apply_wall = statistics.median(t[0] for t in apply)
     for what, ts in times.items():
-        med = statistics.median(ts)
-        faster = f"{med / apply:.1f}x" if what.startswith("transformers") else "—"
-        print(f"| {what} | {med:.2f} s | {min(ts):.2f} s | {med / cp:.2f} | {faster} |")
+        wall, cpu = (statistics.median(t[i] for t in ts) for i in (0, 1))
+        faster = f"{wall / apply_wall:.1f}x" if what.startswith("transformers") else "—"
+        print(
+            f"| {what} | {wall:.2f} s | {min(t[0] for t in ts):.2f} s | {wall / cp_wall:.2f} | {cpu:.2f} s "
+            f"| {cpu / cp_cpu:.2f} | {faster} |"
+        )
 
 
 if __name__ == "__main__":
