@@ -46,12 +46,13 @@ def apply_files(
     each tensor's fingerprint is checked as it streams, and a mismatch leaves no output. Returns
     timing and size statistics.
     """
-    files = [(path, fmt.read_spra(path)) for path in adapter_paths]
-    if not allow_nonfinite:
-        for path, f in files:
-            for r in f.tensors:
-                if not np.isfinite(_as_float32(r.values, r.values_dtype)).all():
-                    raise SpraError(f"tensor {r.name!r} has NaN or Inf values (pass --allow-nonfinite to accept)", path)
+    files = []
+    for path in adapter_paths:  # each read and checked in turn, as Adapter.load does
+        f = fmt.read_spra(path)
+        for r in f.tensors if not allow_nonfinite else ():
+            if not np.isfinite(_as_float32(r.values, r.values_dtype)).all():
+                raise SpraError(f"tensor {r.name!r} has NaN or Inf values (pass --allow-nonfinite to accept)", path)
+        files.append((path, f))
     ckpt = open_checkpoint(base, revision)
     if any(f.dense for _, f in files) or _backend_chosen():
         return _apply_in_memory(ckpt, adapter_paths, out, scale, overwrite, progress, allow_nonfinite)
