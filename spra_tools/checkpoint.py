@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+CONFIG = "config.json"
 # Weight files of other formats are not copied: they would disagree with the written weights.
 _SKIP = re.compile(r"(\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|tflite)|\.index\.json)$")
 _HUB_ID = re.compile(rf"^{REPO_ID}(@[\w./-]+)?$")  # org/name[@revision]
@@ -179,6 +180,7 @@ def write_checkpoint(
     dense: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    config: dict | None = None,
 ) -> Path:
     """Write `ckpt` to `out`, shard by shard, never holding the model in memory.
 
@@ -186,6 +188,7 @@ def write_checkpoint(
     the tensors named in `edited` in place, `weight` being a view of the output file, so an edit
     that touches a few elements costs only those pages. `dense` tensors replace the base tensor
     of that name (any shape or dtype) or, when the base has none, are added to the last shard.
+    `config` entries replace those of the copied ``config.json`` (a directory base that has one).
     `out` appears only when complete; on any failure nothing is left behind.
     """
     dense = dict(dense or {})
@@ -197,7 +200,7 @@ def write_checkpoint(
         _edit_shard(target, [n for n in shard.tensors if n in edited and n not in dense], edit)
         return total, [*shard.tensors, *extra]
 
-    return _write_shards(ckpt, out, write_shard, overwrite, progress)
+    return _write_shards(ckpt, out, write_shard, overwrite, progress, config)
 
 
 def stream_checkpoint(
@@ -207,6 +210,7 @@ def stream_checkpoint(
     patched: set[str],
     overwrite: bool = False,
     progress: bool = False,
+    config: dict | None = None,
 ) -> Path:
     """Write `ckpt` to `out` with the tensors named in `patched` changed on the way (no torch).
 
@@ -216,8 +220,9 @@ def stream_checkpoint(
     (uint16 for BF16 / F16, uint32 for F32) from flat element `first` on. A tensor's chunks come
     in order from one thread; different tensors may be patched at once on different threads (the
     copy is bound by memory copies, which one core does not saturate). Everything else is copied
-    in the kernel. `out` appears only when complete; on any failure (an exception from `patch`
-    included) nothing is left behind.
+    in the kernel. `config` entries replace those of the copied ``config.json``, as in
+    `write_checkpoint`. `out` appears only when complete; on any failure (an exception from
+    `patch` included) nothing is left behind.
     """
 
     def write_shard(shard: fmt.Container, target: Path, last: bool) -> tuple[int, list[str]]:
@@ -232,7 +237,7 @@ def stream_checkpoint(
             _run_jobs(jobs)
         return shard.file_size - 8 - shard.header_size, list(shard.tensors)
 
-    return _write_shards(ckpt, out, write_shard, overwrite, progress)
+    return _write_shards(ckpt, out, write_shard, overwrite, progress, config)
 
 
 # Bytes a streamed tensor moves per read and write: small enough to stay in the CPU's cache between
@@ -284,8 +289,9 @@ def _run_jobs(jobs: list) -> None:
         raise min(errors, key=lambda x: x[0])[1]
 
 
-def _write_shards(ckpt: Checkpoint, out, write_shard, overwrite: bool, progress: bool) -> Path:
-    """The shard loop both writers share: atomic output, shard names kept, side files, the index.
+def _write_shards(ckpt: Checkpoint, out, write_shard, overwrite: bool, progress: bool, config: dict | None) -> Path:
+    """The shard loop both writers share: atomic output, shard names kept, side files (with the
+    `config` entries), the index.
 
     ``write_shard(shard, target, last)`` writes one shard and returns (bytes of tensor data,
     names of the tensors in it)."""
@@ -304,6 +310,8 @@ def _write_shards(ckpt: Checkpoint, out, write_shard, overwrite: bool, progress:
                 bar.update(shard.file_size)
             if not ckpt.is_file:
                 _copy_side_files(ckpt.path, tmp)
+                if config and (tmp / CONFIG).is_file():
+                    _update_config(tmp / CONFIG, config)
                 if ckpt.index is not None:
                     index = dict(ckpt.index)
                     index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
@@ -460,6 +468,31 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     for p in sorted(src.iterdir()):
         if p.is_file() and not p.name.startswith(".") and not _SKIP.search(p.name):
             shutil.copy2(p, dst / p.name)
+
+
+def task_config(tasks: list[dict]) -> dict:
+    """The config.json entries that adapters' tasks set, in order (the last that says wins): the
+    class that trained the adapter as ``architectures``, a classifier's labels both ways."""
+    entries = {}
+    for task in tasks:
+        task = task or {}
+        if isinstance(task.get("architecture"), str):
+            entries["architectures"] = [task["architecture"]]
+        labels = task.get("id2label")
+        if isinstance(labels, dict) and labels and all(str(k).isdigit() for k in labels):
+            entries["id2label"] = {str(k): str(v) for k, v in labels.items()}
+            entries["label2id"] = {str(v): int(k) for k, v in labels.items()}
+    return entries
+
+
+def _update_config(path: Path, entries: dict) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"cannot read the model config ({e.__class__.__name__})", path) from None
+    if not isinstance(config, dict):
+        raise FormatError("the model config is not a JSON object", path)
+    path.write_text(json.dumps({**config, **entries}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _progress(total: int, enabled: bool):

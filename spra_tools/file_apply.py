@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from .checkpoint import Checkpoint, open_checkpoint, stream_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, stream_checkpoint, task_config
 from .errors import MismatchError, SpraError
 from .fingerprint import MISMATCH, fingerprint
 
@@ -61,7 +61,8 @@ def apply_files(
     plan = _Plan.of(files, scale)
     t0 = time.perf_counter()
     try:
-        stream_checkpoint(ckpt, out, plan.patch, plan.streamed(), overwrite, progress)
+        config = task_config([f.task for _, f in files])
+        stream_checkpoint(ckpt, out, plan.patch, plan.streamed(), overwrite, progress, config)
     except _NotFinite:
         return _apply_in_memory(ckpt, adapter_paths, out, scale, overwrite, progress, allow_nonfinite)
     return {

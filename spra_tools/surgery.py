@@ -10,7 +10,7 @@ import torch
 
 from . import ops
 from .adapter import Adapter, TensorDelta
-from .checkpoint import Checkpoint, write_checkpoint
+from .checkpoint import Checkpoint, task_config, write_checkpoint
 from .dtypes import TORCH_DTYPES, dtype_name
 from .errors import MismatchError, SpraError
 from .fingerprint import fingerprints
@@ -88,7 +88,9 @@ def apply_adapter(
     Each adapter is checked before anything is written (names, shapes, dtypes) and each tensor's
     fingerprint before that tensor is written; a mismatch aborts and leaves no output. An adapter
     may fingerprint either the base or the weights it lands on (a chain trained on base + earlier
-    adapters). Returns timing and size statistics.
+    adapters). A trained adapter's task sets the written config's ``architectures`` (the class
+    that trained it) and a classifier's labels, so transformers loads the result as that model.
+    Returns timing and size statistics.
     """
     for path, adapter in adapters:
         ckpt.check_fits({n: (d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}, path)
@@ -117,7 +119,8 @@ def apply_adapter(
                 )
 
     t0 = time.perf_counter()
-    write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress)
+    config = task_config([a.task for _, a in adapters])
+    write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress, config=config)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,

@@ -115,6 +115,15 @@ def test_chains_on_one_tensor(tiny_llama, seeded_adapter, tmp_path, monkeypatch,
     _same(tiny_llama, [seeded_adapter, b, c], tmp_path, monkeypatch, snapshot)
 
 
+def test_task_sets_the_written_config(tiny_llama, seeded_adapter, tmp_path, monkeypatch, snapshot, streamed_only):
+    adapter = Adapter.load(seeded_adapter)
+    adapter.task = {"architecture": "LlamaForSequenceClassification", "id2label": {"0": "no", "1": "yes"}}
+    adapter.save(tmp_path / "task.spra")
+    _same(tiny_llama, [tmp_path / "task.spra"], tmp_path, monkeypatch, snapshot)
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["label2id"] == {"no": 0, "yes": 1}
+
+
 def test_values_at_edges_of_each_dtype(tmp_path, monkeypatch, snapshot, streamed_only):
     """Subnormal weights and sums, rounding ties, the largest finite values, odd tensor offsets."""
     gen = torch.Generator().manual_seed(2)

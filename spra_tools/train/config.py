@@ -29,6 +29,7 @@ _RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every
 
 Task = Literal["causal-lm", "seq-cls"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
+Quantize = Literal["nf4", "fp4", "int8"]  # bitsandbytes settings of each: quantized.BNB_SETTINGS
 ValuesDtype = Literal[tuple(SHORT_DTYPES)]  # what every command's --values-dtype offers
 DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
 
@@ -87,6 +88,10 @@ class TrainConfig:
     resume: bool = _setting(False, "Continue from the checkpoint in --checkpoint-dir, bit-exactly.")
     device: Literal["auto", "cpu", "cuda"] = _setting("auto", "Where to train (auto: CUDA when visible).")
     dtype: Literal["bf16", "fp32"] = _setting("bf16", "Of the frozen base weights and activations.")
+    quantize: Quantize | None = _setting(
+        None, "Load the base quantized (bitsandbytes 4-bit NF4 / FP4, or int8) and train the deltas beside it; "
+        "the adapter applies to the full-precision base as usual.",
+    )  # fmt: skip
     gradient_checkpointing: bool = _setting(False, "Recompute activations in backward (less memory).")
     log_dir: str | None = _setting(None, "metrics.jsonl, TensorBoard events and curves.png go here.", metavar="DIR")
     values_dtype: ValuesDtype = _setting("bf16", "Of the delta values stored in the adapter.")

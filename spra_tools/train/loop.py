@@ -109,6 +109,10 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
     torch.manual_seed(config.seed)  # a new classification head starts from the same values every run
     kwargs = dict(dtype=dtype)
+    if config.quantize:  # quantized as it loads, on the device (a bitsandbytes model cannot move later)
+        from ..quantized import bnb_config
+
+        kwargs.update(quantization_config=bnb_config(config.quantize, dtype), device_map={"": device})
     if config.task == "seq-cls":
         kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
         auto = transformers.AutoModelForSequenceClassification
@@ -119,13 +123,20 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     except (OSError, ValueError) as e:
         raise SpraError(f"cannot load the base with transformers ({str(e).splitlines()[0][:160]})", base_dir) from None
     model.config.pad_token_id = pad_id
-    return model.to(device)
+    return model if config.quantize else model.to(device)
 
 
-def _head_patterns(model) -> list[str]:
-    """Regexes of the new classification head's tensors (trained densely, stored whole)."""
-    names = [n for n, _ in model.named_parameters() if n.split(".")[0] in ("score", "classifier")]
-    return [f"^{re.escape(n)}$" for n in names]
+def _head_patterns(model, checkpoint) -> list[str]:
+    """Regexes of the classification head's tensors (trained densely, stored whole): every parameter
+    the task class adds around its base model (weights, biases, norms; one layer or several), and
+    every parameter the checkpoint lacks (transformers initialized it anew)."""
+    from ..names import NameMap
+
+    names = NameMap(model, checkpoint.names())
+    base = getattr(model, "base_model", model)
+    inside = {id(p) for p in base.parameters()} if base is not model else set()
+    head = [n for n, p in model.named_parameters() if id(p) not in inside or names.is_new(n)]
+    return [f"^{re.escape(n)}$" for n in head]
 
 
 @dataclass
@@ -201,7 +212,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     tokenizer = _load_tokenizer(base_dir)
     train_data, eval_data = _load_data(config, tokenizer, echo)  # before the model: a bad file fails in seconds
     model = _load_model(config, base_dir, device, train_data.id2label, tokenizer.pad_token_id)
-    sm = _sparse_model(config, model)
+    sm = _sparse_model(config, model, checkpoint)
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
     pad_to = _pad_to(config.max_length)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
@@ -276,10 +287,13 @@ def _data_record(data: TokenizedData) -> dict:
             "dropped": data.dropped}  # fmt: skip
 
 
-def _sparse_model(config: TrainConfig, model) -> SparseModel:
-    """`model` made trainable at its seeded support (a new classification head densely), in train mode."""
-    dense = _head_patterns(model) if config.task == "seq-cls" else ()
-    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense)
+def _sparse_model(config: TrainConfig, model, checkpoint) -> SparseModel:
+    """`model` made trainable at its seeded support (a classification head densely), in train mode,
+    its adapter keyed by and fingerprinted against `checkpoint` (the full-precision base of a
+    quantized model)."""
+    dense = _head_patterns(model, checkpoint) if config.task == "seq-cls" else ()
+    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense,
+                     base=checkpoint)  # fmt: skip
     if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
