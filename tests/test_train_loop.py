@@ -77,6 +77,10 @@ def test_cli_training_lowers_the_loss_judged_by_transformers(workdir, tmp_path, 
     assert "steps:" in out and "40" in out
     adapter = Adapter.load(tmp_path / "a.spra")
     assert adapter.provenance["steps"] == 40 and adapter.provenance["config"]["lr"] == 1e-2
+    numel = open_checkpoint(workdir / "base").numel
+    assert adapter.base == {"name": str(workdir / "base"), "revision": None, "numel": numel}
+    rc, out, _ = call_cli("info", tmp_path / "a.spra", "--json")
+    assert rc == 0 and json.loads(out)["fraction_of_model"] == adapter.num_values / numel
     apply_adapter(open_checkpoint(workdir / "base"), [("a", adapter)], tmp_path / "merged")
     base_loss, tuned_loss = _corpus_loss(workdir / "base", workdir), _corpus_loss(tmp_path / "merged", workdir)
     assert tuned_loss < 0.6 * base_loss, (base_loss, tuned_loss)

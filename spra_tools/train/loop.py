@@ -143,6 +143,7 @@ class _Run:
     batches: Batches
     forward: torch.nn.Module  # sm, or its DDP wrapper
     total: int  # optimizer steps of the run
+    base: dict  # the base's identity as the adapter records it: name as given, revision, numel
     padding_free: bool  # batches go to the model without their attention mask (see `_padding_free`)
     pad_to: int  # batch lengths are rounded up to a multiple of this
     pending: _StepLog | None = None  # the last step, logged once the next one is queued
@@ -217,7 +218,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     echo(f"model: {len(list(sm.sites()))} tensors adapted, {n_values:,} trainable values; {total} steps on {device}"
          + (f" x {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     return _Run(config, dist, device, tokenizer.pad_token_id, train_data, eval_data, sm, optimizer, batches,
-                forward, total, _padding_free(config, model), pad_to)  # fmt: skip
+                forward, total, checkpoint.identity(), _padding_free(config, model), pad_to)  # fmt: skip
 
 
 def _pad_to(max_length: int) -> int:
@@ -465,7 +466,9 @@ def _save_adapter(run: _Run, state: RunState) -> None:
     if run.eval_data is not None:
         provenance["eval_data"] = _data_record(run.eval_data)
     if run.dist.main:
-        sm.save(config.output, values_dtype, overwrite=config.overwrite, provenance=provenance, task=task)
+        adapter = sm.adapter(values_dtype, provenance, task)
+        adapter.base = dict(run.base)  # the base as the user named it, with its size (info: fraction of the model)
+        adapter.save(config.output, config.overwrite)
     if run.dist.world > 1:
         torch.distributed.barrier()
 
