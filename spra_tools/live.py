@@ -15,6 +15,11 @@ give several groups. Tied weights are one parameter under two names: it is adapt
 Explicit supports (from diff, merge, convert) are applied the same way, one launch per group,
 from their indices copied to the device once per attach.
 
+On a quantized model (bitsandbytes, torchao) the quantized layers cannot change in place: attach
+adds the adapter's sparse term to their outputs instead, ``y = base(x) + x · Δᵀ``, after verifying it
+against the full-precision checkpoint the model was loaded from (spra_tools.quantized); detach
+takes the term off. Other layers of the model take the adapter in place as usual.
+
 A staged adapter has been verified against the model's base when staged and holds, on the
 model's devices, its values and its supports' indices (int32 offsets; int64 for a tensor of more
 than 2**31 elements): 6 bytes per bf16 value (42 MB for an all-linear 0.1 % adapter of an 8B
@@ -41,10 +46,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import ops
+from . import ops, quantized
 from .adapter import Adapter
 from .errors import MismatchError, SpraError
 from .fingerprint import mismatches
+from .names import NameMap
 from .support import SeededSupport
 
 
@@ -73,6 +79,7 @@ class Handle:
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # param, new value
     _dense_originals: dict[str, torch.Tensor] = field(default_factory=dict)
     attached: bool = False
+    unmerged: list = field(default_factory=list)  # (quantized.UnmergedLayer, values): sparse terms
 
     def __repr__(self) -> str:  # the dataclass's would print the whole model
         state = "attached" if self.attached else "detached"
@@ -101,6 +108,8 @@ class Handle:
             for name, (param, value) in self.dense.items():
                 self._dense_originals[name] = param.detach().clone()
                 param.data.copy_(value)
+        for layer, values in self.unmerged:
+            layer.patch(lambda values=values: values)
         self.attached = True
 
     def _restore(self) -> None:
@@ -113,6 +122,8 @@ class Handle:
                 g.originals = None
             for name, (param, _) in self.dense.items():
                 param.data.copy_(self._dense_originals.pop(name))
+        for layer, _ in reversed(self.unmerged):
+            layer.unpatch()
         self.attached = False
 
 
@@ -125,6 +136,7 @@ class Staged:
     adapter: Adapter
     groups: list[_Group]
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    unmerged: list = field(default_factory=list)
 
     def __repr__(self) -> str:  # the dataclass's would print the whole model
         devices = ", ".join(sorted({str(g.values.device) for g in self.groups})) or "no device"
@@ -134,6 +146,7 @@ class Staged:
     def nbytes(self) -> int:
         """Device memory it holds: values, indices and dense tensors."""
         held = sum(g.values.nbytes + g.indices.nbytes for g in self.groups)
+        held += sum(v.nbytes + layer.indices.nbytes + layer.layout.offsets.nbytes for layer, v in self.unmerged)
         return held + sum(value.nbytes for _, value in self.dense.values())
 
     def _handle(self, model: torch.nn.Module, scale: float) -> Handle:
@@ -141,7 +154,12 @@ class Staged:
             raise SpraError("this adapter was staged on another model")
         if any(g.params[0].data_ptr() != g.weights[0].data_ptr() for g in self.groups):
             raise SpraError("the model's weights moved since this adapter was staged (e.g. .to()); stage it again")
-        return Handle(model, self.adapter, scale, [replace(g, originals=None) for g in self.groups], self.dense)
+        unmerged = [
+            (replace(layer, own_forward=None, patched=False), v if scale == 1.0 else v.float() * scale)
+            for layer, v in self.unmerged
+        ]
+        groups = [replace(g, originals=None) for g in self.groups]
+        return Handle(model, self.adapter, scale, groups, self.dense, unmerged=unmerged)
 
 
 def _summary(adapter: Adapter) -> str:
@@ -166,12 +184,20 @@ def as_adapter(adapter_or_path) -> Adapter:
 
 def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Handle:
     """A detached handle of `adapter` on `model`: parameters resolved, fingerprints verified against
-    the base values (MismatchError naming `where` otherwise), values on the weights' devices."""
+    the base values (MismatchError naming `where` otherwise), values on the weights' devices.
+
+    The adapter's tensors are checkpoint names; each resolves to the parameter transformers loads it
+    into (`spra_tools.names`: a task class over a bare base, a bare class over a task checkpoint,
+    renames on load)."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    names = NameMap(model, [*adapter.deltas, *adapter.dense])
     groups: dict[tuple, _Group] = {}
     seen: set[int] = set()
+    layers = quantized.quantized_layers(model)
     for name, delta in adapter.deltas.items():
-        param = params.get(name)
+        if name in layers:  # a sparse term beside the quantized weight, not in it
+            continue
+        param = params.get(names.model_name(name) or name)
         if param is None:
             raise MismatchError(f"tensor {name!r}: not a parameter of this model; is this the adapter's base?", where)
         if id(param) in seen:  # a tied weight already adapted under its other name
@@ -192,7 +218,7 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
         g.counts.append(delta.support.count)
     dense = {}
     for name, value in adapter.dense.items():
-        param = params.get(name)
+        param = params.get(names.model_name(name) or name)
         if param is None or tuple(param.shape) != tuple(value.shape):
             raise MismatchError(f"dense tensor {name!r}: no parameter of that name and shape in the model", where)
         dense[name] = (param, value.to(param.device, param.dtype))
@@ -201,7 +227,10 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
         if not seeded:
             g.indices = _offsets(g.supports, device)
         _verify(model, adapter, g, where)
-    return Handle(model, adapter, scale, list(groups.values()), dense)
+    unmerged = quantized.prepare_unmerged(
+        model, adapter, [n for n in adapter.deltas if n in layers], scale, layers, where
+    )
+    return Handle(model, adapter, scale, list(groups.values()), dense, unmerged=unmerged)
 
 
 def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
@@ -278,7 +307,7 @@ def stage(model: torch.nn.Module, adapter_or_path) -> Staged:
     for g in prepared.groups:
         if g.indices is None:
             g.indices = _offsets(g.supports, g.values.device)
-    return Staged(model, adapter, prepared.groups, prepared.dense)
+    return Staged(model, adapter, prepared.groups, prepared.dense, prepared.unmerged)
 
 
 def _handle_for(model: torch.nn.Module, adapter_or_path, scale: float) -> Handle:
