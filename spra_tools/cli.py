@@ -32,6 +32,11 @@ def _say(ctx: click.Context, message: str) -> None:
         click.echo(message)
 
 
+def _warn(message: str) -> None:
+    """One line on stderr, even with --quiet: something the user should act on, though nothing failed."""
+    click.echo(f"spra-tools: warning: {message}", err=True)
+
+
 def _load(path: str, allow_nonfinite: bool = True):
     from .adapter import Adapter
 
@@ -303,7 +308,7 @@ def export(ctx, adapter, out, base, license_, overwrite):
     """
     from .share import export_adapter
 
-    export_adapter(adapter, out, base, overwrite, license_)
+    export_adapter(adapter, out, base, overwrite, license_, warn=_warn)
     _say(ctx, f"wrote {out}: {os.path.basename(adapter)}, adapter_config.json, README.md")
 
 
@@ -324,7 +329,8 @@ def push(ctx, adapter_or_dir, repo_id, private, revision, base):
     """
     from .share import push as push_adapter
 
-    url = push_adapter(adapter_or_dir, repo_id, private=private, revision=revision, base=base, progress=_progress(ctx))
+    url = push_adapter(adapter_or_dir, repo_id, private=private, revision=revision, base=base, progress=_progress(ctx),
+                       warn=_warn)  # fmt: skip
     _say(ctx, f"pushed {adapter_or_dir} to {repo_id}{f'@{revision}' if revision else ''}: {url}")
 
 

@@ -31,8 +31,11 @@ afterwards are not checked again.
 Several adapters may be attached at once; they act in attach order. Detaching any of them
 restores the adapters attached after it, restores it, and re-applies the later ones in order, so
 the model always equals "base + the remaining adapters applied in attach order", bit for bit,
-whatever the detach order. Fingerprints are checked against the base values: where an earlier
-attached adapter changed an element, its saved original stands in for the current value.
+whatever the detach order. An adapter is accepted, tensor by tensor, when its fingerprints match
+the weights it lands on (the base plus the adapters attached before it: a chain trained on
+base + A) or, failing that, the base itself (adapters trained side by side on the base, whose
+supports may overlap); for the base, the saved originals of the attached adapters stand in where
+they changed an element. `apply BASE A B` follows the same rule (docs/FORMAT.md §6).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class _Group:
     originals: torch.Tensor | None = None  # flat, set while attached
 
 
-@dataclass
+@dataclass(eq=False)  # a handle is itself: equal field values (a tensor among them) say nothing
 class Handle:
     """An adapter attached to a model; `detach()` puts the model back exactly."""
 
@@ -77,6 +80,10 @@ class Handle:
     _dense_originals: dict[str, torch.Tensor] = field(default_factory=dict)
     attached: bool = False
     unmerged: list = field(default_factory=list)  # (quantized.UnmergedLayer, values): sparse terms
+
+    def __repr__(self) -> str:  # the dataclass's would print the whole model
+        state = "attached" if self.attached else "detached"
+        return f"Handle({_summary(self.adapter)}, scale={self.scale:g}, {state})"
 
     def detach(self) -> None:
         """Remove this adapter; later-attached adapters are re-applied on top (module docstring)."""
@@ -120,7 +127,7 @@ class Handle:
         self.attached = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Staged:
     """An adapter verified against a model's base and resident on its devices (module docstring):
     `attach(model, staged)` and `swap(handle, staged)` apply it without verification or host copies."""
@@ -130,6 +137,10 @@ class Staged:
     groups: list[_Group]
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]]
     unmerged: list = field(default_factory=list)
+
+    def __repr__(self) -> str:  # the dataclass's would print the whole model
+        devices = ", ".join(sorted({str(g.values.device) for g in self.groups})) or "no device"
+        return f"Staged({_summary(self.adapter)}, {self.nbytes:,} bytes on {devices})"
 
     @property
     def nbytes(self) -> int:
@@ -149,6 +160,11 @@ class Staged:
         ]
         groups = [replace(g, originals=None) for g in self.groups]
         return Handle(model, self.adapter, scale, groups, self.dense, unmerged=unmerged)
+
+
+def _summary(adapter: Adapter) -> str:
+    dense = f", {len(adapter.dense)} dense" if adapter.dense else ""
+    return f"{len(adapter.deltas)} tensors, {adapter.num_values:,} values{dense}"
 
 
 def _stack(model: torch.nn.Module) -> list[Handle]:
@@ -218,15 +234,19 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
 
 
 def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
-    """Fingerprints of the group's base values, in one pass (module docstring: what "base" means)."""
+    """Fingerprints of the group, in one pass: per tensor, of the weights it lands on, or else of
+    the base (module docstring)."""
     if g.indices is None:
         values = ops.gather_seeded(g.weights, g.supports)
     else:
         values = ops.gather_many(g.weights, g.indices, g.counts)
-    if _stack(model):
-        values = _base_values(model, g, values)
     recorded = [adapter.deltas[n].fingerprint for n in g.names]
-    for name, differs in zip(g.names, mismatches(values, [s.count for s in g.supports], recorded)):
+    counts = [s.count for s in g.supports]
+    refused = mismatches(values, counts, recorded)
+    if any(refused) and _stack(model):
+        of_base = mismatches(_base_values(model, g, values), counts, recorded)
+        refused = [a and b for a, b in zip(refused, of_base)]
+    for name, differs in zip(g.names, refused):
         if differs:
             raise MismatchError(
                 f"tensor {name!r}: values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)",
@@ -312,15 +332,36 @@ def attach(model: torch.nn.Module, adapter_or_path, scale: float = 1.0) -> Handl
 
 
 def swap(handle: Handle, adapter_or_path, scale: float | None = None) -> Handle:
-    """Replace an attached adapter by another; the new one is verified before anything changes
-    (a Staged one was verified when staged)."""
+    """Replace an attached adapter by another, verified against the weights it lands on (those
+    without `handle`) or the base (a Staged one was verified when staged); refused, the model is
+    as before, bit for bit, with `handle` still attached in its place."""
     model = handle.model
-    # Verify against the base as it will be once `handle` is gone: its originals stand in.
-    new = _handle_for(model, adapter_or_path, float(handle.scale if scale is None else scale))
+    stack = _stack(model)
+    if not handle.attached or handle not in stack:
+        raise SpraError("this adapter is not attached")
+    position = stack.index(handle)
     handle.detach()
+    try:
+        new = _handle_for(model, adapter_or_path, float(handle.scale if scale is None else scale))
+    except BaseException:
+        _reattach(handle, position)
+        raise
     new._apply()
-    _stack(model).append(new)
+    stack.append(new)
     return new
+
+
+def _reattach(handle: Handle, position: int) -> None:
+    """Undo `handle.detach()`: it goes back to `position` in the attach order (the later adapters
+    are restored, it is applied, they are re-applied: the weights of before, bit for bit)."""
+    stack = _stack(handle.model)
+    later = stack[position:]
+    for h in reversed(later):
+        h._restore()
+    handle._apply()
+    for h in later:
+        h._apply()
+    stack.insert(position, handle)
 
 
 @contextlib.contextmanager

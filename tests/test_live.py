@@ -254,4 +254,76 @@ def test_staged_adapter_is_refused_by_another_or_a_converted_model(llama):
     before = _snapshot(model)
     with pytest.raises(SpraError, match="moved"):
         spra_tools.attach(model, staged)
-    assert _same(model, before) and not model._spra_handles
+    assert _same(model, before) and not getattr(model, "_spra_handles", [])
+
+
+def _chain(root):
+    """A on the base; B trained on base + A (created on the applied checkpoint, the same seed: every
+    element of B's support was changed by A); C trained on the base beside A (the same support)."""
+    a = _adapter(root / "base", 31, density=0.2, values_seed=3)
+    apply_adapter(open_checkpoint(root / "base"), [("a", a)], root / "base+a", overwrite=True)
+    b = _adapter(root / "base+a", 31, density=0.2, values_seed=4)
+    c = _adapter(root / "base", 31, density=0.2, values_seed=5)
+    return a, b, c
+
+
+@pytest.mark.parametrize(
+    "chain, accepted",
+    [(("a", "b"), True), (("a", "c"), True), (("b",), False), (("c", "b"), False)],
+    ids=["b-trained-on-a", "c-beside-a", "b-without-a", "b-after-c"],
+)
+def test_chains_follow_one_rule_in_apply_and_attach(llama, tmp_path, chain, accepted):
+    """Each adapter must fit the weights it lands on, or else the base: apply and attach agree, and
+    an accepted chain attached is the applied chain, bit for bit."""
+    adapters = dict(zip("abc", _chain(llama)))
+    ckpt = open_checkpoint(llama / "base")
+    model = _model(llama)
+    before = _snapshot(model)
+    if not accepted:
+        with pytest.raises(MismatchError, match="fingerprint"):
+            apply_adapter(ckpt, [(n, adapters[n]) for n in chain], tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()
+        for n in chain[:-1]:
+            spra_tools.attach(model, adapters[n])
+        attached = _snapshot(model)
+        with pytest.raises(MismatchError, match="fingerprint"):
+            spra_tools.attach(model, adapters[chain[-1]])
+        assert _same(model, attached) and len(model._spra_handles) == len(chain) - 1
+        return
+    apply_adapter(ckpt, [(n, adapters[n]) for n in chain], tmp_path / "merged")
+    merged = _snapshot(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16))
+    handles = [spra_tools.attach(model, adapters[n]) for n in chain]
+    assert not _same(model, before) and _same(model, merged)
+    for h in handles:
+        h.detach()
+    assert _same(model, before)
+
+
+def test_a_swap_checks_the_weights_it_lands_on_and_a_refused_one_changes_nothing(llama):
+    """B was trained on base + A: swapping A for B would land B on the base, which B does not fit."""
+    a, b, c = _chain(llama)
+    model = _model(llama)
+    first = spra_tools.attach(model, c)
+    middle = spra_tools.attach(model, a)
+    last = spra_tools.attach(model, _adapter(llama / "base", 33, density=0.2, values_seed=6))
+    attached = _snapshot(model)
+    with pytest.raises(MismatchError, match="fingerprint"):
+        spra_tools.swap(middle, b)
+    assert _same(model, attached) and model._spra_handles == [first, middle, last] and middle.attached
+    last.detach()
+    new = spra_tools.swap(first, b)  # lands on base + a: fits
+    assert model._spra_handles == [middle, new]
+
+
+def test_handles_and_staged_adapters_print_short(llama):
+    model = _model(llama)
+    adapter = Adapter.load(llama / "a.spra")
+    h = spra_tools.attach(model, adapter)
+    text = repr(h)
+    assert text == f"Handle({len(adapter.deltas)} tensors, {adapter.num_values:,} values, scale=1, attached)"
+    h.detach()
+    assert repr(h).endswith("detached)")
+    staged = spra_tools.stage(model, adapter)
+    assert repr(staged) == (
+        f"Staged({len(adapter.deltas)} tensors, {adapter.num_values:,} values, {staged.nbytes:,} bytes on cpu)"
+    )

@@ -382,3 +382,12 @@ def test_recorded_base_names_are_descriptive(tiny_llama):
     b.base = {**b.base, "name": "/some/other/spelling/of/the/base"}
     merged, _ = merge_adapters([a, b])
     assert merged.num_values == a.num_values
+
+
+def test_the_merged_adapter_records_the_base_size_any_parent_knew(tiny_llama):
+    """A trained adapter of an older version recorded no size; merged first, its gap is not inherited."""
+    base = open_checkpoint(tiny_llama)
+    a, b = make(base, 1, 1), make(base, 1, 2)
+    a.base = {"name": a.base["name"]}
+    merged, _ = merge_adapters([a, b])
+    assert merged.base["numel"] == base.numel == b.base["numel"]

@@ -112,3 +112,10 @@ def test_the_defaults_stated_for_other_commands_are_the_cli_s():
             command = cli.commands[name.strip("`")]
             (option,) = [p for p in command.params if isinstance(p, click.Option) and f"`{p.opts[-1]}`" == flag]
             assert cell == f"`{_default(option, click.Context(command))}`", (flag, name)
+
+
+def test_the_quick_start_offers_a_cpu_only_install():
+    """A CPU-only machine installs the CPU build of torch before the package (else pip pulls the CUDA one)."""
+    (block,) = [b for b in _shell_blocks(README) if "download.pytorch.org/whl/cpu" in b]
+    torch_line = block.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert torch_line < block.index('pip install -e ".[dev]"')

@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from spra_tools import format as fmt
 from spra_tools import share
 from spra_tools.adapter import Adapter
+from spra_tools.dtypes import bit_view
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_standin import TOKEN, HubStandin  # noqa: E402
@@ -79,9 +81,11 @@ def test_export_writes_spra_config_and_card(seeded_adapter, tmp_path, call_cli):
     r = call_cli("export", seeded_adapter, "-o", out, "--base", "acme/tiny-llama")
     assert r.rc == 0, r.stderr
     assert {p.name for p in out.iterdir()} == FILES | {seeded_adapter.name}
-    assert (out / seeded_adapter.name).read_bytes() == seeded_adapter.read_bytes()
+    assert r.stderr == ""  # a Hub id: nothing to warn about
 
     adapter = Adapter.load(seeded_adapter)
+    shared = Adapter.load(out / seeded_adapter.name)
+    assert same_tensors(shared, adapter) and shared.base == {**adapter.base, "name": "acme/tiny-llama"}
     config = json.loads((out / "adapter_config.json").read_text())
     assert config == {
         "library_name": "spra-tools",
@@ -116,15 +120,71 @@ def test_export_writes_spra_config_and_card(seeded_adapter, tmp_path, call_cli):
 
 
 def test_export_explicit_local_base_and_license(explicit_adapter, tmp_path):
-    out = share.export_adapter(explicit_adapter, tmp_path / "export", license="apache-2.0")
+    with pytest.warns(UserWarning, match="local checkpoint with no Hub id"):
+        out = share.export_adapter(explicit_adapter, tmp_path / "export", license="apache-2.0")
     adapter = Adapter.load(explicit_adapter)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["seed"] is None and config["density"] is None
-    assert config["base_model"] == adapter.base["name"]  # the recorded (local) base
+    assert config["base_model"] is None  # the recorded base is a local path: no Hub id
     meta = front_matter((out / "README.md").read_text())
-    assert "base_model" not in meta  # a local path is no Hub id: the key is left out
+    assert "base_model" not in meta
     assert meta["license"] == "apache-2.0"
-    assert (out / explicit_adapter.name).read_bytes() == explicit_adapter.read_bytes()
+    shared = Adapter.load(out / explicit_adapter.name)
+    assert same_tensors(shared, adapter) and shared.base["name"] == Path(adapter.base["name"]).name
+
+
+def same_tensors(a: Adapter, b: Adapter) -> bool:
+    return a.deltas.keys() == b.deltas.keys() and all(
+        torch.equal(a.deltas[n].indices(), b.deltas[n].indices())
+        and torch.equal(bit_view(a.deltas[n].values), bit_view(b.deltas[n].values))
+        and a.deltas[n].fingerprint == b.deltas[n].fingerprint
+        for n in a.deltas
+    )
+
+
+@pytest.mark.parametrize("given", ["none", "local", "hub"])
+def test_export_shares_no_local_path(given, seeded_adapter, tiny_llama, tmp_path, call_cli, monkeypatch):
+    """A trained adapter records its base and data files as the user typed them; none of those
+    paths reaches the shared files (file names are kept), and a local base without a Hub id warns."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local" / "dir").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    adapter = Adapter.load(seeded_adapter)
+    adapter.provenance = {"method": "train", "config": {"base": str(tiny_llama), "data": "data/train.jsonl",
+                          "eval_data": str(tmp_path / "data" / "train.jsonl"), "targets": ["vo"]}}  # fmt: skip
+    adapter.save(tmp_path / "trained.spra")
+    flags = {"none": [], "local": ["--base", "./local/dir"], "hub": ["--base", "acme/tiny-llama@v1"]}[given]
+    r = call_cli("export", tmp_path / "trained.spra", "-o", tmp_path / "out", *flags)
+    assert r.rc == 0, r.stderr
+    out = tmp_path / "out"
+    for f in out.iterdir():
+        text = f.read_bytes()
+        for local in (str(tmp_path), str(tiny_llama), "data/train.jsonl", "./local"):
+            assert local.encode() not in text, (f.name, local)
+    shared = Adapter.load(out / "trained.spra")
+    assert shared.provenance["config"] == {"base": tiny_llama.name, "data": "train.jsonl",
+                                           "eval_data": "train.jsonl", "targets": ["vo"]}  # fmt: skip
+    config = json.loads((out / "adapter_config.json").read_text())
+    meta = front_matter((out / "README.md").read_text())
+    if given == "hub":
+        assert r.stderr == "" and config["base_model"] == meta["base_model"] == "acme/tiny-llama"
+        assert config["base_revision"] == "v1"
+    else:
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("spra-tools: warning: the base ") and "no Hub id" in line and "--base ORG/NAME" in line
+        assert config["base_model"] is None and "base_model" not in meta
+        assert shared.base["name"] == ("dir" if given == "local" else tiny_llama.name)
+
+
+def test_a_base_in_the_hub_cache_is_named_by_its_hub_id(seeded_adapter, tmp_path):
+    adapter = Adapter.load(seeded_adapter)
+    adapter.base = {**adapter.base, "name": str(tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "0123abc")}
+    adapter.save(tmp_path / "cached.spra")
+    out = share.export_adapter(tmp_path / "cached.spra", tmp_path / "out")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["base_model"], config["base_revision"]) == ("acme/tiny", "0123abc")
+    assert front_matter((out / "README.md").read_text())["base_model"] == "acme/tiny"
 
 
 def test_export_refuses_existing_output(seeded_adapter, tmp_path, call_cli, snapshot):
@@ -160,7 +220,7 @@ def test_push_then_pull_round_trips(which, request, hub, hub_env, tmp_path, run_
     assert r.stderr == ""  # no progress bars off a terminal
     for name in FILES | {spra.name}:
         assert (out / name).read_bytes() == (exported / name).read_bytes(), name
-    assert (out / spra.name).read_bytes() == spra.read_bytes()
+    assert same_tensors(Adapter.load(out / spra.name), Adapter.load(spra))
     assert not (out / ".cache").exists()
 
 
@@ -172,7 +232,7 @@ def test_push_to_branch_and_pull_revision(seeded_adapter, hub, hub_lib, tmp_path
     assert seeded_adapter.name not in hub.files(repo, "main")  # main still holds only the initial commit
 
     out = share.pull(repo, tmp_path / "dev", revision="dev", **hub_lib)
-    assert (out / seeded_adapter.name).read_bytes() == seeded_adapter.read_bytes()
+    assert same_tensors(Adapter.load(out / seeded_adapter.name), Adapter.load(seeded_adapter))
 
     with pytest.raises(share.SpraError, match="expected exactly one .spra file, found no .spra file"):
         share.pull(repo, tmp_path / "main", **hub_lib)

@@ -26,7 +26,7 @@ def cfg(**kw) -> TrainConfig:
 
 def test_defaults():
     c = cfg()
-    assert (c.task, c.density, c.lr, c.schedule, c.targets) == ("causal-lm", 0.01, 2e-4, "cosine", ("all-linear",))
+    assert (c.task, c.density, c.lr, c.schedule, c.targets) == ("causal-lm", 0.01, 1e-2, "cosine", ("all-linear",))
     assert c.steps is None and c.epochs == 1.0  # neither given: one epoch
     assert c.version == 1
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from spra_tools.errors import SpraError
 from spra_tools.live import load_model
 from spra_tools.surgery import apply_adapter
 from spra_tools.testing import CORPUS, build_tiny_model, build_word_tokenizer
-from spra_tools.train import SparseAdamW, SparseModel, checkpoints
+from spra_tools.train import SparseAdamW, SparseModel, checkpoints, loop
 from spra_tools.train.config import TrainConfig
 from spra_tools.train.data import tokenize
 from spra_tools.train.loop import train
@@ -77,6 +78,10 @@ def test_cli_training_lowers_the_loss_judged_by_transformers(workdir, tmp_path, 
     assert "steps:" in out and "40" in out
     adapter = Adapter.load(tmp_path / "a.spra")
     assert adapter.provenance["steps"] == 40 and adapter.provenance["config"]["lr"] == 1e-2
+    numel = open_checkpoint(workdir / "base").numel
+    assert adapter.base == {"name": str(workdir / "base"), "revision": None, "numel": numel}
+    rc, out, _ = call_cli("info", tmp_path / "a.spra", "--json")
+    assert rc == 0 and json.loads(out)["fraction_of_model"] == adapter.num_values / numel
     apply_adapter(open_checkpoint(workdir / "base"), [("a", adapter)], tmp_path / "merged")
     base_loss, tuned_loss = _corpus_loss(workdir / "base", workdir), _corpus_loss(tmp_path / "merged", workdir)
     assert tuned_loss < 0.6 * base_loss, (base_loss, tuned_loss)
@@ -451,3 +456,26 @@ def test_sparse_model_inside_trl_sft_trainer(workdir, tmp_path):
     assert model.is_gradient_checkpointing  # TRL's default, through SparseModel to the wrapped model
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_a_resume_on_another_base_is_refused_before_the_model_loads(workdir, tmp_path, call_cli, monkeypatch):
+    """The same path, another model of the same architecture (the settings all agree): the
+    checkpoint's record of the base's weights tells them apart, before the model is loaded."""
+
+    def loaded(*_):
+        raise AssertionError("the model was loaded")
+
+    other = tmp_path / "base"
+    shutil.copytree(workdir / "base", other)
+    identity = checkpoints.base_identity(open_checkpoint(other))
+    build_tiny_model("llama", other, torch.bfloat16, hidden=128, layers=2, seed=7)  # replaced in place
+    assert checkpoints.base_identity(open_checkpoint(other))["layout"] == identity["layout"]
+    flags = ["--data", workdir / "corpus.jsonl", "--steps", "2", "--device", "cpu", "--checkpoint-dir", tmp_path / "ck"]
+    settings = TrainConfig.resolve(None, {"base": str(other), "data": str(workdir / "corpus.jsonl"), "output": "x",
+                                          "steps": 2, "device": "cpu"}).run_settings()  # fmt: skip
+    (tmp_path / "ck" / "last").mkdir(parents=True)
+    (tmp_path / "ck" / "last" / "state.json").write_text(json.dumps({"config": settings, "base": identity}))
+    monkeypatch.setattr(loop, "_load_model", loaded)
+    rc, _, err = call_cli("train", other, *flags, "--resume", "-o", tmp_path / "out.spra")
+    assert rc == 1 and "made on another base (its weights differ)" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.spra").exists()

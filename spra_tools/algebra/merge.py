@@ -141,6 +141,8 @@ def merge_adapters(
     tasks = [a.task for a in adapters]
     task = tasks[0] if all(t == tasks[0] for t in tasks) else {}
     out_base = base.identity() if base is not None else dict(adapters[0].base)
+    # Any parent's recorded size (they agree: `_check_bases`), so `info` can give the fraction of the model.
+    out_base.setdefault("numel", next((a.base["numel"] for a in adapters if a.base.get("numel")), None))
     merged = Adapter(deltas, dense, out_base, task, provenance, exact=exact)
     return merged, {"tensors": report, **totals}
 

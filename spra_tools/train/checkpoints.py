@@ -82,10 +82,11 @@ def held(directory: str | Path):
         os.close(fd)
 
 
-def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) -> None:
+def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer, base: dict | None = None) -> None:
     """A new checkpoint of `sm`'s deltas, `optimizer`'s moments and `state` beside the others; then
     `last` points at it (one atomic rename) and the older ones are removed. Under torch.distributed
-    every rank calls it (a sharded model gathers each tensor whole) and rank 0 writes."""
+    every rank calls it (a sharded model gathers each tensor whole) and rank 0 writes. `base`: what
+    identifies the base's weights (`base_identity`), checked on resume."""
     from safetensors.torch import save_file
 
     tensors, steps = {}, {}
@@ -105,6 +106,7 @@ def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) 
         "bookkeeping": state.bookkeeping(),
         "optimizer_steps": steps,
         "batches": state.position,
+        "base": base,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,35 @@ def check_resumable(directory: str | Path, settings: dict) -> None:
     """A SpraError now if `directory`/last is unreadable or was made with other `settings`, so that
     --resume fails before the model loads; nothing (a fresh start) when there is no checkpoint."""
     _read_document(Path(directory) / LAST, settings)
+
+
+def base_identity(checkpoint) -> dict:
+    """What tells one base's weights from another's without reading them: the element count, a
+    digest of every tensor's name, dtype and shape, and one of each tensor's first 64 bytes (a base
+    replaced at the same path by another fine-tune of the same architecture differs there)."""
+    import hashlib
+
+    layout, head = hashlib.sha256(), hashlib.sha256()
+    for name in sorted(checkpoint.names()):
+        info = checkpoint.info(name)
+        layout.update(f"{name}:{info.dtype}:{list(info.shape)};".encode())
+        head.update(checkpoint.view(name).reshape(-1).view(torch.uint8)[:64].numpy().tobytes())
+    return {"numel": checkpoint.numel, "layout": layout.hexdigest()[:16], "head": head.hexdigest()[:16]}
+
+
+def check_base(directory: str | Path, identity: dict) -> None:
+    """A SpraError if `directory`/last was made on a base other than the one `identity` describes
+    (once the base is open, before its model loads); nothing when there is no checkpoint or it
+    recorded no base."""
+    where = Path(directory) / LAST
+    try:
+        recorded = json.loads((where / STATE).read_text()).get("base")
+    except (OSError, ValueError, AttributeError):
+        return  # no checkpoint; a damaged one is reported where it is read
+    if isinstance(recorded, dict) and recorded != identity:
+        what = next(k for k in ("numel", "layout", "head") if recorded.get(k) != identity.get(k))
+        why = {"numel": "its size", "layout": "its tensors", "head": "its weights"}[what]
+        raise SpraError(f"the checkpoint was made on another base ({why} differ); resume on the same base", where)
 
 
 def load(directory: str | Path, settings: dict, sm, optimizer, batches, device) -> RunState | None:

@@ -158,6 +158,8 @@ class _Run:
     batches: Batches
     forward: torch.nn.Module  # sm, or its DDP wrapper
     total: int  # optimizer steps of the run
+    base: dict  # the base's identity as the adapter records it: name as given, revision, numel
+    base_weights: dict  # what a checkpoint records of the base, checked on resume (checkpoints.base_identity)
     padding_free: bool  # batches go to the model without their attention mask (see `_padding_free`)
     pad_to: int  # batch lengths are rounded up to a multiple of this
     pending: _StepLog | None = None  # the last step, logged once the next one is queued
@@ -212,6 +214,9 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     from ..checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(config.base)  # a local directory, or the Hub through its cache
+    identity = checkpoints.base_identity(checkpoint)
+    if config.resume:  # the settings were checked in `_preflight`; the base can be checked once open
+        checkpoints.check_base(config.checkpoint_dir, identity)
     base_dir = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     tokenizer = _load_tokenizer(base_dir)
     train_data, eval_data = _load_data(config, tokenizer, echo)  # before the model: a bad file fails in seconds
@@ -234,7 +239,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     echo(f"model: {len(list(sm.sites()))} tensors adapted, {n_values:,} trainable values; {total} steps on {device}"
          + (f" x {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     return _Run(config, dist, device, tokenizer.pad_token_id, train_data, eval_data, sm, optimizer, batches,
-                forward, total, _padding_free(config, model), pad_to)  # fmt: skip
+                forward, total, checkpoint.identity(), identity, _padding_free(config, model), pad_to)  # fmt: skip
 
 
 def _pad_to(max_length: int) -> int:
@@ -415,7 +420,8 @@ def _at_boundary(run: _Run, state: RunState) -> bool:
 
 def _checkpoint(run: _Run, state: RunState) -> None:
     if run.dist.main or run.config.fsdp:  # a sharded model's tensors are gathered by every rank
-        checkpoints.save(run.config.checkpoint_dir, run.config.run_settings(), state, run.sm, run.optimizer)
+        checkpoints.save(run.config.checkpoint_dir, run.config.run_settings(), state, run.sm, run.optimizer,
+                         run.base_weights)  # fmt: skip
 
 
 def _train(config: TrainConfig, dist: _Dist, echo, progress: bool, on_step) -> dict:
@@ -492,6 +498,7 @@ def _save_adapter(run: _Run, state: RunState) -> None:
     if run.dist.main or config.fsdp:  # a sharded model's adapter is gathered by every rank
         adapter = sm.adapter(values_dtype, provenance, task)
         if run.dist.main:
+            adapter.base = dict(run.base)  # the base as the user named it, with its size (info: fraction of the model)
             adapter.save(config.output, config.overwrite)
     if run.dist.world > 1:
         torch.distributed.barrier()
