@@ -15,6 +15,11 @@ give several groups. Tied weights are one parameter under two names: it is adapt
 Explicit supports (from diff, merge, convert) are applied the same way, one launch per group,
 from their indices copied to the device once per attach.
 
+On a quantized model (bitsandbytes, torchao) the quantized layers cannot change in place: attach
+adds the adapter's sparse term to their outputs instead, ``y = base(x) + x · Δᵀ``, after verifying it
+against the full-precision checkpoint the model was loaded from (spra_tools.quantized); detach
+takes the term off. Other layers of the model take the adapter in place as usual.
+
 A staged adapter has been verified against the model's base when staged and holds, on the
 model's devices, its values and its supports' indices (int32 offsets; int64 for a tensor of more
 than 2**31 elements): 6 bytes per bf16 value (42 MB for an all-linear 0.1 % adapter of an 8B
@@ -38,7 +43,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import ops
+from . import ops, quantized
 from .adapter import Adapter
 from .errors import MismatchError, SpraError
 from .fingerprint import mismatches
@@ -71,6 +76,7 @@ class Handle:
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # param, new value
     _dense_originals: dict[str, torch.Tensor] = field(default_factory=dict)
     attached: bool = False
+    unmerged: list = field(default_factory=list)  # (quantized.UnmergedLayer, values): sparse terms
 
     def detach(self) -> None:
         """Remove this adapter; later-attached adapters are re-applied on top (module docstring)."""
@@ -95,6 +101,8 @@ class Handle:
             for name, (param, value) in self.dense.items():
                 self._dense_originals[name] = param.detach().clone()
                 param.data.copy_(value)
+        for layer, values in self.unmerged:
+            layer.patch(lambda values=values: values)
         self.attached = True
 
     def _restore(self) -> None:
@@ -107,6 +115,8 @@ class Handle:
                 g.originals = None
             for name, (param, _) in self.dense.items():
                 param.data.copy_(self._dense_originals.pop(name))
+        for layer, _ in reversed(self.unmerged):
+            layer.unpatch()
         self.attached = False
 
 
@@ -119,11 +129,13 @@ class Staged:
     adapter: Adapter
     groups: list[_Group]
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    unmerged: list = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         """Device memory it holds: values, indices and dense tensors."""
         held = sum(g.values.nbytes + g.indices.nbytes for g in self.groups)
+        held += sum(v.nbytes + layer.indices.nbytes + layer.layout.offsets.nbytes for layer, v in self.unmerged)
         return held + sum(value.nbytes for _, value in self.dense.values())
 
     def _handle(self, model: torch.nn.Module, scale: float) -> Handle:
@@ -131,7 +143,12 @@ class Staged:
             raise SpraError("this adapter was staged on another model")
         if any(g.params[0].data_ptr() != g.weights[0].data_ptr() for g in self.groups):
             raise SpraError("the model's weights moved since this adapter was staged (e.g. .to()); stage it again")
-        return Handle(model, self.adapter, scale, [replace(g, originals=None) for g in self.groups], self.dense)
+        unmerged = [
+            (replace(layer, own_forward=None, patched=False), v if scale == 1.0 else v.float() * scale)
+            for layer, v in self.unmerged
+        ]
+        groups = [replace(g, originals=None) for g in self.groups]
+        return Handle(model, self.adapter, scale, groups, self.dense, unmerged=unmerged)
 
 
 def _stack(model: torch.nn.Module) -> list[Handle]:
@@ -160,7 +177,10 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
     names = NameMap(model, [*adapter.deltas, *adapter.dense])
     groups: dict[tuple, _Group] = {}
     seen: set[int] = set()
+    layers = quantized.quantized_layers(model)
     for name, delta in adapter.deltas.items():
+        if name in layers:  # a sparse term beside the quantized weight, not in it
+            continue
         param = params.get(names.model_name(name) or name)
         if param is None:
             raise MismatchError(f"tensor {name!r}: not a parameter of this model; is this the adapter's base?", where)
@@ -191,7 +211,10 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
         if not seeded:
             g.indices = _offsets(g.supports, device)
         _verify(model, adapter, g, where)
-    return Handle(model, adapter, scale, list(groups.values()), dense)
+    unmerged = quantized.prepare_unmerged(
+        model, adapter, [n for n in adapter.deltas if n in layers], scale, layers, where
+    )
+    return Handle(model, adapter, scale, list(groups.values()), dense, unmerged=unmerged)
 
 
 def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:
@@ -264,7 +287,7 @@ def stage(model: torch.nn.Module, adapter_or_path) -> Staged:
     for g in prepared.groups:
         if g.indices is None:
             g.indices = _offsets(g.supports, g.values.device)
-    return Staged(model, adapter, prepared.groups, prepared.dense)
+    return Staged(model, adapter, prepared.groups, prepared.dense, prepared.unmerged)
 
 
 def _handle_for(model: torch.nn.Module, adapter_or_path, scale: float) -> Handle:

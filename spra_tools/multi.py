@@ -189,6 +189,8 @@ class MultiAdapter:
                 where,
             )
         handle = prepare(self.model, adapter, 1.0, where)  # fingerprints: a wrong base raises here
+        if handle.unmerged:
+            raise SpraError("MultiAdapter does not serve quantized layers yet (attach the adapter instead)", where)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         staged: dict[torch.device, _Staged] = {}
         for g in handle.groups:

@@ -378,3 +378,21 @@ def indices_many(supports: list[Support], device: torch.device | str) -> torch.T
         )
     parts = [support_indices(s, device) for s in supports]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=device)
+
+
+def adamw_step_deltas(deltas, grads, exp_avgs, exp_avg_sqs, *, lr: float, betas, eps: float, weight_decay: float,
+                      step: int, grad_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+    """`adamw_step` for deltas with no weight to write (unmerged layers: a quantized base keeps its
+    weights), in place: torch's multi-tensor fused AdamW, one launch per device — the same math as
+    ``reference.adamw_update`` up to fp32 rounding. `grad_scale` multiplies every gradient."""
+    groups: dict = {}
+    for t, d in enumerate(deltas):
+        groups.setdefault(d.device, []).append(t)
+    for device, members in groups.items():
+        steps = [torch.tensor(float(step), device=device)] * len(members)  # read, not written
+        inverse = None if grad_scale is None else (1.0 / grad_scale.float()).to(device)  # torch divides by it
+        torch._fused_adamw_(
+            [deltas[t] for t in members], [grads[t] for t in members], [exp_avgs[t] for t in members],
+            [exp_avg_sqs[t] for t in members], [], steps, lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]),
+            weight_decay=float(weight_decay), eps=float(eps), amsgrad=False, maximize=False, grad_scale=inverse,
+        )  # fmt: skip

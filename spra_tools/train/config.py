@@ -24,11 +24,12 @@ from ..targets import PRESETS
 
 VERSION = 1
 # Settings that may differ between a run and its resumption (they change nothing it computes).
-_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite")
+_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite", "fsdp")
 
 
 Task = Literal["causal-lm", "seq-cls"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
+Quantize = Literal["nf4", "fp4", "int8"]  # bitsandbytes settings of each: quantized.BNB_SETTINGS
 ValuesDtype = Literal[tuple(SHORT_DTYPES)]  # what every command's --values-dtype offers
 DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
 
@@ -87,7 +88,17 @@ class TrainConfig:
     resume: bool = _setting(False, "Continue from the checkpoint in --checkpoint-dir, bit-exactly.")
     device: Literal["auto", "cpu", "cuda"] = _setting("auto", "Where to train (auto: CUDA when visible).")
     dtype: Literal["bf16", "fp32"] = _setting("bf16", "Of the frozen base weights and activations.")
+    quantize: Quantize | None = _setting(
+        None, "Load the base quantized (bitsandbytes 4-bit NF4 / FP4, or int8) and train the deltas beside it; "
+        "the adapter applies to the full-precision base as usual.",
+    )  # fmt: skip
     gradient_checkpointing: bool = _setting(False, "Recompute activations in backward (less memory).")
+    # How the run is spread, not what it computes: resumable either way (`_RESUMABLE`).
+    fsdp: bool = _setting(
+        False,
+        "Shard the base over the torchrun processes with FSDP2 (bases larger than one GPU); "
+        "without it each process holds the whole base (DDP).",
+    )
     log_dir: str | None = _setting(None, "metrics.jsonl, TensorBoard events and curves.png go here.", metavar="DIR")
     values_dtype: ValuesDtype = _setting("bf16", "Of the delta values stored in the adapter.")
     overwrite: bool = _setting(False, "Replace OUTPUT if it exists.")
@@ -129,6 +140,8 @@ class TrainConfig:
                 "--checkpoint-every needs --checkpoint-dir",
             ),
             (not self.resume or self.checkpoint_dir is not None, "--resume needs --checkpoint-dir"),
+            # FSDP2 shards the weights it all-gathers; a quantized layer keeps packed bytes it cannot shard.
+            (not (self.fsdp and self.quantize), "--fsdp and --quantize cannot be combined"),
         ]
         for ok, message in checks:
             if not ok:

@@ -12,10 +12,14 @@ sampled (SDDMM) kernel or by a dense product gathered at once, whichever the mea
 says is faster for that layer (`ops.support_grad`); no dense weight gradient outlives its layer's
 backward. `.parameters()` yields only the fp32 master deltas, so any optimizer works (call `sync()`
 after its step to write the weights); `SparseAdamW` does both in one fused launch.
+
+Quantized layers (bitsandbytes, torchao) cannot hold ``W0 + Δ``: they add the unmerged sparse term
+``x · Δᵀ`` to their own output instead, and nothing is written back (spra_tools.quantized).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import ops
+from .. import ops, quantized
 from ..adapter import Adapter, TensorDelta
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import TORCH_DTYPES, dtype_name
@@ -102,7 +106,8 @@ class SparseModel(nn.Module):
     model's ``config.name_or_path`` when that is a local checkpoint). The adapter is keyed by its
     tensor names (`spra_tools.names`: ``base_model_prefix``, renames on load, tied weights) and
     records its dtypes and fingerprints, so it applies to that checkpoint whatever class and
-    dtype trained it. Without a checkpoint the model's own names and weights stand in.
+    dtype trained it. Without a checkpoint the model's own names and weights stand in; a model with
+    quantized layers needs one (their fingerprints come from its full-precision values).
     """
 
     def __init__(self, model: nn.Module, density: float | None = None, seed: int | None = None,
@@ -113,15 +118,15 @@ class SparseModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         params = dict(model.named_parameters())
-        self.base = (
-            _checkpoint_of(model) if base is None else base if isinstance(base, Checkpoint) else open_checkpoint(base)
-        )
+        self.base = _checkpoint_of(model) if base is None else base if isinstance(base, Checkpoint) else _open(base)
         self.names = NameMap(model, None if self.base is None else self.base.names())
         ckpt_name = {n: self.names.checkpoint_name(n) for n in params}
+        qlayers = quantized.quantized_layers(model)
+        shapes = {n: quantized.logical_shape(qlayers[n]) if n in qlayers else tuple(p.shape) for n, p in params.items()}
         self._dense = set()
         if dense:
-            by_model = set(select(((n, "F32", tuple(p.shape)) for n, p in params.items()), list(dense)))
-            by_ckpt = set(select(((ckpt_name[n], "F32", tuple(p.shape)) for n, p in params.items()), list(dense)))
+            by_model = set(select(((n, "F32", shapes[n]) for n in params), list(dense)))
+            by_ckpt = set(select(((ckpt_name[n], "F32", shapes[n]) for n in params), list(dense)))
             self._dense = {n for n in params if n in by_model or ckpt_name[n] in by_ckpt}
         if adapter is not None:
             adapter = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
@@ -134,11 +139,11 @@ class SparseModel(nn.Module):
         else:
             if density is None or seed is None:
                 raise SpraError("SparseModel needs density and seed (or an adapter)")
-            candidates = [(ckpt_name[n], "F32", tuple(p.shape)) for n, p in params.items() if n not in self._dense]
+            candidates = [(ckpt_name[n], "F32", shapes[n]) for n in params if n not in self._dense]
             chosen = set(select(candidates, targets, exclude)) if candidates else set()
             # Seeded supports are drawn under checkpoint names: the ones `create` draws on the base.
             supports = {
-                n: SeededSupport(seed, ckpt_name[n], params[n].numel(), density)
+                n: SeededSupport(seed, ckpt_name[n], math.prod(shapes[n]), density)
                 for n in params
                 if ckpt_name[n] in chosen
             }
@@ -150,21 +155,36 @@ class SparseModel(nn.Module):
         self._sites: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}  # name -> W, idx, W0[s]
         self._patched: list[nn.Module] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
+        self._unmerged: dict[str, quantized.UnmergedDelta] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}  # name -> the whole weight's shape
         for name, support in supports.items():
+            if name in qlayers:
+                if name in self._dense:
+                    raise SpraError(f"tensor {name!r}: a quantized layer cannot train densely")
+                key = ckpt_name[name]
+                init = adapter.deltas[key].values.float() if adapter is not None else torch.zeros(support.count)
+                self._unmerged[name] = site = quantized.UnmergedDelta.of(key, qlayers[name], support, self.base, model)
+                self.base = site.checkpoint  # opened once for all layers
+                key = name.replace(".", "/")
+                self.deltas[key] = nn.Parameter(init.to(qlayers[name].weight.device))
+                site.layer.patch(lambda key=key: self.deltas[key])
+                continue
             weight = params.get(name)
             whole = name in self._dense and not holders.get(id(weight))
             if weight is None or not (holders.get(id(weight)) or whole):
                 raise SpraError(f"tensor {name!r}: not the weight of a Linear, Conv1D or Embedding layer of this model")
             idx = ops.support_indices(support, weight.device)
-            original = ops.gather(weight.data, idx).clone()
+            target, target_idx, part = self._local(name, weight, idx)
+            original = ops.gather(target.data, target_idx).clone()
             init = (
                 adapter.deltas[ckpt_name[name]].values.float()
                 if name not in self._dense and adapter is not None
-                else None
+                else torch.zeros(support.count)
             )
             key = name.replace(".", "/")
-            self.deltas[key] = nn.Parameter((torch.zeros(support.count) if init is None else init).to(weight.device))
-            self._sites[name] = (weight, idx, original)
+            self.deltas[key] = nn.Parameter(init[part].to(weight.device))
+            self._sites[name] = (target, target_idx, original)
+            self._shapes[name] = tuple(weight.shape)
             if whole:  # a bias or norm weight of the head: its module reads it through `_Whole`
                 self._parametrize(model, name, key)
             for module in holders.get(id(weight), ()):  # tied weights: every user contributes to one delta
@@ -195,7 +215,7 @@ class SparseModel(nn.Module):
                 raise SpraError(f"embedding {type(module).__name__}: max_norm / scale_grad_by_freq are not supported")
 
             def lookup(ids, module=module):
-                return _SupportEmbedding.apply(ids, module.weight, self.deltas[key], idx, module.padding_idx)
+                return _SupportEmbedding.apply(ids, module.weight, self._grad_input(key), idx, module.padding_idx)
 
             if type(module).forward is not nn.Embedding.forward:  # e.g. Gemma's scaled embedding
                 module._spra_lookup = lookup
@@ -207,10 +227,38 @@ class SparseModel(nn.Module):
             transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out], y = x W + b
 
             def forward(x, module=module):
-                return _SupportLinear.apply(x, module.weight, module.bias, self.deltas[key], idx, transposed)
+                return _SupportLinear.apply(x, module.weight, module.bias, self._grad_input(key), idx, transposed)
 
         module.forward = forward
         self._patched.append(module)
+
+    # Where this process's part of an adapted weight lives: the hooks `distributed.ShardedSparseModel`
+    # overrides to keep only a rank's shard of each weight and its segment of the support.
+    def _local(self, name: str, weight: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(the tensor the optimizer writes, the support's flat indices into it, the slice of the
+        support's values they are): in one process the whole weight and the whole support."""
+        return weight, idx, slice(None)
+
+    def _grad_input(self, key: str) -> torch.Tensor:
+        """The tensor an adapted layer's support gradient (whole support, [count] fp32) is returned for."""
+        return self.deltas[key]
+
+    def whole(self, name: str, part: torch.Tensor) -> torch.Tensor:
+        """A per-support-element tensor of `name` (delta, moment, original) over its whole support,
+        from this process's part: itself here (under FSDP2 a collective every rank calls)."""
+        return part
+
+    def part(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """The inverse of `whole`: this process's part of a whole per-support-element tensor."""
+        return whole
+
+    def _architecture(self) -> str:
+        """The model's class name, as transformers knows it."""
+        return type(self.model).__name__
+
+    def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The gradient norm over every process's deltas, from this process's (`norm`)."""
+        return norm
 
     def parameters(self, recurse: bool = True):  # only the master deltas train
         return self.deltas.parameters()
@@ -228,26 +276,34 @@ class SparseModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def sites(self):
-        """(name, delta parameter, weight, support indices, originals) of every adapted tensor."""
+        """(name, delta parameter, weight, support indices, originals) of every adapted tensor; weight
+        and originals are None for a quantized layer (its delta is never written into it)."""
         for name, (weight, idx, original) in self._sites.items():
             yield name, self.deltas[name.replace(".", "/")], weight, idx, original
+        for name, site in self._unmerged.items():
+            yield name, self.deltas[name.replace(".", "/")], None, site.layer.indices, None
 
     @torch.no_grad()
     def sync(self) -> None:
         """Write ``W[s] = cast(W0[s] + Δ)`` for every adapted weight (after a plain optimizer's step)."""
         for _, delta, weight, idx, original in self.sites():
-            ops.restore(weight.data, idx, original)
-            ops.scatter_apply(weight.data, idx, delta.detach())
+            if weight is not None:
+                ops.restore(weight.data, idx, original)
+                ops.scatter_apply(weight.data, idx, delta.detach())
 
     @torch.no_grad()
     def restore(self) -> None:
         """The base weights, bit for bit (the deltas are kept; `sync` re-applies them)."""
         for _, _, weight, idx, original in self.sites():
-            ops.restore(weight.data, idx, original)
+            if weight is not None:
+                ops.restore(weight.data, idx, original)
 
     def merged(self) -> nn.Module:
         """The plain model with the deltas merged (``cast(W0 + Δ)``, what `apply` gives for fp32
         values), its layers unpatched and trainable again; this wrapper is spent afterwards."""
+        if self._unmerged:
+            raise SpraError("quantized layers cannot take the deltas in place: save the adapter and apply it to the "
+                            "full-precision checkpoint")  # fmt: skip
         self.sync()
         for module in self._patched:
             if "_spra_lookup" in module.__dict__:
@@ -270,30 +326,36 @@ class SparseModel(nn.Module):
         config as the architecture)."""
         deltas, dense = {}, {}
         converted = False
-        for name, delta, weight, idx, original in self.sites():
+        for name, delta, weight, _, original in self.sites():
             key = self.names.checkpoint_name(name)
-            if name in self._dense:
-                value = weight.detach().clone().cpu()
+            if name in self._unmerged:
+                deltas[key] = self._unmerged[name].delta(delta.detach().to(values_dtype).cpu())
+                continue
+            shape = self._shapes[name]
+            if name in self._dense:  # its support is every element, so `whole` gathers the weight
+                value = self.whole(name, weight.detach().reshape(-1)).reshape(shape).clone().cpu()
                 if self.base is not None and key in self.base:  # stored in the checkpoint's dtype
                     value = value.to(TORCH_DTYPES[self.base.info(key).dtype])
                 dense[key] = value
                 continue
-            dtype, base_values = weight.dtype, original.cpu()
+            dtype, base_values = weight.dtype, self.whole(name, original).cpu()
             if self.base is not None and key in self.base and self.base.info(key).dtype != dtype_name(dtype):
                 stored = self.base.view(key)
-                dtype, base_values, converted = stored.dtype, ops.gather(stored, idx.cpu()), True
-            values = delta.detach().to(values_dtype).cpu()
-            deltas[key] = TensorDelta(
-                key, tuple(weight.shape), dtype, self._supports[name], values, fingerprints(base_values)
-            )
+                indices = ops.support_indices(self._supports[name])  # the whole support, on the host
+                dtype, base_values, converted = stored.dtype, ops.gather(stored, indices), True
+            values = self.whole(name, delta.detach()).to(values_dtype).cpu()
+            deltas[key] = TensorDelta(key, shape, dtype, self._supports[name], values, fingerprints(base_values))
         if self.base is not None:
             base = self.base.identity()
         else:
             base = {"name": getattr(getattr(self.model, "config", None), "name_or_path", None) or None}
         provenance = {"method": "train", **(provenance or {})}
-        task = {**({"architecture": type(self.model).__name__} if task else {}), **(task or {})}
-        # Trained in another dtype than the checkpoint's, the weights `apply` writes differ by rounding.
-        exact = values_dtype == torch.float32 and not converted
+        task = {**({"architecture": self._architecture()} if task else {}), **(task or {})}
+        if self._unmerged:  # how the base was quantized; the checkpoint is recorded as for any base
+            provenance["quantization"] = quantized.quantization_record(self.model)
+        # Trained in another dtype than the checkpoint's, or on a quantized copy of it, the weights
+        # `apply` writes differ from the trained model's.
+        exact = values_dtype == torch.float32 and not converted and not self._unmerged
         return Adapter(deltas, dense, base, task, provenance, exact)
 
     def save(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
@@ -326,9 +388,16 @@ class _Whole(nn.Module):
         return _DenseGrad.apply(weight, self._delta())
 
 
+def _open(base: str | os.PathLike) -> Checkpoint:
+    try:
+        return open_checkpoint(base)
+    except SpraError as e:
+        raise SpraError(f"the base checkpoint given to SparseModel: {e}") from None
+
+
 def _checkpoint_of(model: nn.Module) -> Checkpoint | None:
     """The local checkpoint `model` was loaded from (transformers records its path), if any."""
-    path = getattr(getattr(model, "config", None), "name_or_path", None)
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
     if not path or not Path(path).exists():
         return None
     try:
@@ -379,6 +448,7 @@ class SparseAdamW(torch.optim.Optimizer):
         sites = list(model.sites())
         super().__init__([s[1] for s in sites], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._sites = {id(s[1]): s for s in sites}
+        self._global_norm = model._global_norm
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
 
@@ -391,7 +461,7 @@ class SparseAdamW(torch.optim.Optimizer):
         live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         scale = None
         if live:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in live])))
+            norm = self._global_norm(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in live]))))
             self.last_grad_norm = norm
             if self.max_grad_norm is not None:
                 scale = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0).to(torch.float32).reshape(1)
@@ -408,6 +478,17 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["step"] += 1
             for step in sorted({self.state[p]["step"] for p in params}):  # one launch when all are in step
                 same = [p for p in params if self.state[p]["step"] == step]
+                unmerged = [p for p in same if self._sites[id(p)][2] is None]  # quantized layers: no write-back
+                if unmerged:
+                    ops.adamw_step_deltas(
+                        [p.data for p in unmerged], [p.grad.float().contiguous() for p in unmerged],
+                        [self.state[p]["exp_avg"] for p in unmerged], [self.state[p]["exp_avg_sq"] for p in unmerged],
+                        lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                        step=step, grad_scale=None if scale is None else scale.to(unmerged[0].device),
+                    )  # fmt: skip
+                    same = [p for p in same if self._sites[id(p)][2] is not None]
+                    if not same:
+                        continue
                 sites = [self._sites[id(p)] for p in same]
                 ops.adamw_step(
                     [s[2].data for s in sites],
