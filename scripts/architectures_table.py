@@ -6,7 +6,8 @@ root causes recorded with its xfail markers) when some fail — naming the layou
 when others pass — and – when the verb does not apply. The table is the matrix's own data, so it
 changes exactly when a known failure is fixed and its marker removed.
 
-    python scripts/architectures_table.py > table.md
+    python scripts/architectures_table.py            # print it
+    python scripts/architectures_table.py --readme   # rewrite the README's section between its markers
 """
 
 from __future__ import annotations
@@ -73,5 +74,20 @@ def table() -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- architectures-table: scripts/architectures_table.py --readme -->", "<!-- /architectures-table -->"
+
+
+def readme_section(text: str) -> str:
+    """The README's table as it stands (between the markers)."""
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[start:end].strip("\n")
+
+
 if __name__ == "__main__":
-    print(table())
+    if sys.argv[1:] == ["--readme"]:
+        text = README.read_text(encoding="utf-8")
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        README.write_text(text[:start] + "\n" + table() + "\n" + text[end:], encoding="utf-8")
+    else:
+        print(table())

@@ -98,7 +98,6 @@ class NameMap:
             if id(p) not in by_param or key == first_name[id(p)]:
                 by_param[id(p)] = ckpt
         self._checkpoint_name = {n: by_param[id(p)] for n, p in params.items() if id(p) in by_param}
-        self.new = [n for n, p in model.named_parameters() if id(p) not in by_param and n not in self._fused_params]
 
     @property
     def _fused_params(self) -> set[str]:

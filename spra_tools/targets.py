@@ -3,10 +3,12 @@
 Presets (matched against checkpoint tensor names, so they work without loading the model):
 
 * ``vo``  — attention value and output projections (the SpaRTA paper's choice). Architectures with
-  a fused QKV matrix (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, Falcon/NeoX ``query_key_value``) have no
-  separate V tensor: there the fused matrix is targeted.
+  a fused QKV matrix (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, Falcon/NeoX ``query_key_value``,
+  ModernBERT ``Wqkv``) have no separate V tensor: there the fused matrix is targeted.
 * ``attn`` — all attention projections; ``mlp`` — all feed-forward projections;
-* ``all-linear`` — every 2-D weight except embeddings and the output head;
+* ``all-linear`` — every 2-D weight of the numbered transformer layers (``model.layers.N``,
+  ``encoder.layer.N``, ``h.N``...): no embedding, and no head outside them — neither the output
+  head nor a pretraining head (BERT's ``cls.predictions``, ELECTRA's ``discriminator_predictions``);
 * ``all`` — every floating-point tensor.
 """
 
@@ -20,14 +22,17 @@ from .format import FLOAT_DTYPES
 
 _W = r"\.weight$"
 _VO = (
-    r"(\.v_proj|\.o_proj|\.out_proj|attention\.self\.value|attention\.output\.dense|attn\.c_attn|attn\.c_proj"
-    r"|\.qkv_proj|query_key_value|self_attn\.dense|self_attention\.dense|attention\.dense|Attention\.[vo])" + _W
+    r"(\.v_proj|\.o_proj|\.out_proj|attention\.self\.value(_proj)?|attention\.output\.dense|attn\.c_attn"
+    r"|attn\.c_proj|\.qkv_proj|query_key_value|self_attn\.dense|self_attention\.dense|attention\.dense"
+    r"|attention\.(v_lin|out_lin)|attn\.(Wqkv|Wo)|Attention\.[vo])" + _W
 )
-_QK = r"(\.q_proj|\.k_proj|attention\.self\.(query|key)|Attention\.[qk])" + _W
+_QK = r"(\.q_proj|\.k_proj|attention\.self\.(query|key)(_proj)?|attention\.[qk]_lin|Attention\.[qk])" + _W
 _MLP = (
     r"(\.gate_proj|\.up_proj|\.down_proj|\.gate_up_proj|mlp\.c_fc|mlp\.c_proj|intermediate\.dense"
-    r"|(?<!attention)\.output\.dense|\.fc1|\.fc2|dense_h_to_4h|dense_4h_to_h|DenseReluDense\.w\w*)" + _W
+    r"|(?<!attention)\.output\.dense|\.fc1|\.fc2|dense_h_to_4h|dense_4h_to_h|DenseReluDense\.w\w*"
+    r"|ffn\.lin[12]|mlp\.(Wi|Wo))" + _W
 )
+_IN_BLOCK = re.compile(r"\.\d+\.")  # a tensor of a numbered layer: model.layers.3..., encoder.layer.0...
 _EMBED_OR_HEAD = re.compile(
     r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|^shared\.|lm_head|^score\.|classifier|pooler)"
 )
@@ -39,7 +44,12 @@ def _preset_matcher(preset: str):
     if preset == "all":
         return lambda name, shape: True
     if preset == "all-linear":
-        return lambda name, shape: len(shape) == 2 and name.endswith(".weight") and not _EMBED_OR_HEAD.search(name)
+        return lambda name, shape: (
+            len(shape) == 2
+            and name.endswith(".weight")
+            and bool(_IN_BLOCK.search(name))
+            and not _EMBED_OR_HEAD.search(name)
+        )
     pattern = {"vo": _VO, "attn": f"{_VO}|{_QK}", "mlp": _MLP}[preset]
     regex = re.compile(pattern)
     return lambda name, shape: len(shape) == 2 and bool(regex.search(name))

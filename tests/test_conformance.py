@@ -100,48 +100,20 @@ def matrix() -> list[Item]:
 
 
 _TRAINED = ("train", "train-head", "train-verify", "train-forward", "train-grad", "apply", "apply-config")
-_ENCODERS = r"^(bert|roberta|deberta_v2|distilbert|modernbert|electra)-"
 _MOE = r"^(mixtral|qwen3_moe)-"
 
 # Root causes of today's failures, one line each, naming the code that falls short.
-BIAS = ("the new head's biases and norms (classifier.bias, classifier.dense.bias, pooler.dense.bias, "
-        "pre_classifier.bias, head.norm.weight) cannot train densely: SparseModel patches only "
-        "Linear/Conv1D/Embedding weights (sparse_model._weight_holders)")  # fmt: skip
 ROUTER = ("MoE: all-linear selects the router mlp.gate.weight, a bare nn.Parameter of *TopKRouter that "
           "SparseModel cannot patch, and the fused 3-D experts (experts.gate_up_proj / down_proj) are "
           "neither targeted (2-D only) nor patchable")  # fmt: skip
 MOE_NAMES = ("MoE: the adapter is keyed by the checkpoint's per-expert 2-D tensors (block_sparse_moe.experts.E.w1, "
              "mlp.experts.E.gate_proj); the loaded model holds fused 3-D experts.gate_up_proj / down_proj: "
              "no name and flat-index mapping")  # fmt: skip
-PREFIX_TRAIN = ("the adapter is keyed by the seq-cls model's parameter names (base_model_prefix 'model.' / "
-                "'transformer.' / 'bert.'...), its seeded supports drawn under them; the bare base's checkpoint "
-                "has no prefix: SparseModel maps no model name to a checkpoint name")  # fmt: skip
-PREFIX_ATTACH = ("attach looks the adapter's checkpoint names up in named_parameters() verbatim; over a bare "
-                 "base the seq-cls model's names carry its base_model_prefix")  # fmt: skip
-DTYPE = ("train loads the base in --dtype bf16 and records the loaded weights' dtype and fingerprints (BF16), "
-         "not the checkpoint's (F32 / F16): verify and apply refuse the adapter on its own base")  # fmt: skip
-SCALED_EMBEDDING = ("SparseModel._patch replaces an nn.Embedding subclass's forward by a plain F.embedding: "
-                    "Gemma2/3's *TextScaledWordEmbedding loses its * embed_scale (forward and gradient change)")  # fmt: skip
-CONFIG = ("apply copies the base's config.json unchanged: no num_labels / id2label / label2id / "
-          "architectures for the trained head")  # fmt: skip
-ALL_LINEAR_HEAD = ("all-linear leaves out only lm_head / score / classifier / pooler (targets._EMBED_OR_HEAD): "
-                   "it targets pretraining heads outside base_model (cls.predictions.transform.dense, "
-                   "cls.seq_relationship, discriminator_predictions, vocab_transform, head.dense)")  # fmt: skip
-NEOX_RENAME = ("GPT-NeoX: transformers renames the checkpoint's embed_out.weight to lm_head.weight on load "
-               "(conversion mapping 'GPTNeoXForCausalLM'); the peft-sparta directory is keyed by checkpoint "
-               "names, its loader by named_parameters()")  # fmt: skip
 
 # (properties, regex over Item.id, root cause): today's failures; the first matching entry gives the reason.
 KNOWN_FAILURES: list[tuple[tuple[str, ...], str, str]] = [
-    (("create",), r"^deberta_v2-.*-vo$", "vo's regex knows attention.self.value, not DeBERTa-v2's value_proj"),
-    (("create",), r"^distilbert-.*-vo$", "vo's regex knows no DistilBERT attention.v_lin / out_lin"),
-    (("create",), r"^modernbert-.*-vo$", "vo's regex knows no ModernBERT fused attn.Wqkv / attn.Wo"),
-    (("create",), r"^(bert|deberta_v2|distilbert|modernbert|electra)-task-.*-all-linear$", ALL_LINEAR_HEAD),
     (_TRAINED, _MOE, ROUTER),
-    (("train-forward", "train-grad"), r"^gemma[23]-", SCALED_EMBEDDING),
     (("attach", "convert"), _MOE, MOE_NAMES),
-    (("attach",), r"^(bert|deberta_v2|distilbert|electra)-task-.*-seq-cls$", ALL_LINEAR_HEAD),
-    (("convert",), r"^gpt_neox-", NEOX_RENAME),
 ]
 
 
@@ -531,3 +503,15 @@ def test_convert(item, store, tmp_path, monkeypatch):
     for name, d in adapter.deltas.items():
         assert torch.equal(back.deltas[name].indices(), d.indices()), name
         assert torch.equal(back.deltas[name].values, d.values.float()), name
+
+
+def test_readme_table_is_the_matrix():
+    """The README's supported-architectures table is what scripts/architectures_table.py makes of this
+    matrix today (regenerate it with ``python scripts/architectures_table.py --readme``)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "architectures_table.py"
+    spec = importlib.util.spec_from_file_location("architectures_table", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.readme_section(script.README.read_text(encoding="utf-8")) == script.table()

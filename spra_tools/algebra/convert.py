@@ -39,6 +39,7 @@ from ..errors import FormatError, SpraError
 from ..fingerprint import fingerprints
 from ..format import FLOAT_DTYPES
 from ..fsutil import atomic_path
+from ..names import NameMap
 from ..support import ExplicitSupport, seeded_count
 from .checks import checked_density
 
@@ -71,6 +72,24 @@ def match_name(name: str, base: Checkpoint, where: str | os.PathLike) -> str:
     if not found:
         raise SpraError(f"parameter {name!r} matches no tensor of the base {base.name!r}", where)
     raise SpraError(f"parameter {name!r} matches several base tensors {found}", where)
+
+
+def _causal_lm_names(base: Checkpoint | None) -> NameMap | None:
+    """The base's tensor names against the parameter names of the causal-LM model transformers builds
+    from its config (peft-sparta keys its files by those: GPT-NeoX's checkpoint ``embed_out`` is
+    ``lm_head`` there), from a model on the meta device (no weights read); None when the base has
+    no config transformers can build a causal LM from."""
+    if base is None or base.is_file or not (base.path / CONFIG).is_file():
+        return None
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(base.path)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return NameMap(model, base.names())
 
 
 # ----------------------------------------------------------------------------------------- peft-sparta
@@ -191,6 +210,7 @@ def read_peft_sparta(path: str | os.PathLike, base: Checkpoint) -> Adapter:
         if len(found) != 1:
             raise SpraError(f"cannot tell the base's input embeddings among {found}", path)
         embed_name = found[0]
+    names = _causal_lm_names(base)
     for name in sorted(indices):
         idx, vals = indices[name], deltas[name]
         if name == HEAD and head is not None:
@@ -198,7 +218,8 @@ def read_peft_sparta(path: str | os.PathLike, base: Checkpoint) -> Adapter:
                 raise FormatError(f"deltas of {HEAD!r} must cover head_init {list(head.shape)}", where)
             dense[HEAD] = head.float() + vals.float().view(head.shape)
             continue
-        target = match_name(name, base, where)
+        stored = None if names is None else names.checkpoint_name(name)
+        target = stored if stored in base else match_name(name, base, where)
         info = base.info(target)
         w = base.view(target)
         if target == embed_name:
@@ -241,8 +262,8 @@ def write_peft_sparta(
     """Write `adapter` as a peft-sparta directory whose ``sparta_pretrained_model`` is `base_name`.
 
     peft-sparta's loaders look up every parameter of the model, so every float tensor of the base
-    gets an entry (empty where the adapter does not touch it): pass `base`, or a `base_name` that
-    is a local checkpoint. Its ``config.json`` is copied in when the base is a directory. Values
+    gets an entry (empty where the adapter does not touch it), under the name its causal-LM model
+    gives the tensor (`_causal_lm_names`): pass `base`, or a `base_name` that is a local checkpoint. Its ``config.json`` is copied in when the base is a directory. Values
     are written in fp32 (exact for bf16/fp16/fp32 values). A dense ``score.weight`` is written as
     peft-sparta's classification head (``head_init`` + zero deltas); other dense tensors have no
     peft-sparta form and are refused.
@@ -261,7 +282,9 @@ def write_peft_sparta(
         names += [
             n for n in base.names() if n not in adapter.deltas and n != HEAD and base.info(n).dtype in FLOAT_DTYPES
         ]
+    loaded = _causal_lm_names(base)
     for name in names:
+        key = name if loaded is None else loaded.model_name(name) or name  # as the loader's model names it
         if name in adapter.deltas:
             d: TensorDelta = adapter.deltas[name]
             flat = d.indices().to(torch.int64)
@@ -270,8 +293,8 @@ def write_peft_sparta(
         else:
             coords = torch.empty((0, len(base.info(name).shape)), dtype=torch.int64)
             values = torch.empty(0, dtype=torch.float32)
-        tensors[f"indices.{name}"] = coords.to(torch.int32).contiguous()
-        tensors[f"deltas.{name}"] = values.contiguous()
+        tensors[f"indices.{key}"] = coords.to(torch.int32).contiguous()
+        tensors[f"deltas.{key}"] = values.contiguous()
     config = {}
     if base is not None and not base.is_file and (base.path / CONFIG).is_file():
         config = _read_json(base.path / CONFIG)

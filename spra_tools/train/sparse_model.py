@@ -214,9 +214,15 @@ class SparseModel(nn.Module):
             if module.max_norm is not None or module.scale_grad_by_freq:
                 raise SpraError(f"embedding {type(module).__name__}: max_norm / scale_grad_by_freq are not supported")
 
-            def forward(ids, module=module):
+            def lookup(ids, module=module):
                 return _SupportEmbedding.apply(ids, module.weight, self._grad_input(key), idx, module.padding_idx)
 
+            if type(module).forward is not nn.Embedding.forward:  # e.g. Gemma's scaled embedding
+                module._spra_lookup = lookup
+                module.__class__ = _with_support_lookup(type(module))
+                self._patched.append(module)
+                return
+            forward = lookup
         else:
             transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out], y = x W + b
 
@@ -300,7 +306,11 @@ class SparseModel(nn.Module):
                             "full-precision checkpoint")  # fmt: skip
         self.sync()
         for module in self._patched:
-            del module.forward
+            if "_spra_lookup" in module.__dict__:
+                module.__class__ = type(module).__mro__[1]
+                del module._spra_lookup
+            else:
+                del module.forward
         for module, attr in self._parametrized:  # the original tensor holds cast(W0 + Δ) already
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         for p in self.model.parameters():
@@ -394,6 +404,24 @@ def _checkpoint_of(model: nn.Module) -> Checkpoint | None:
         return open_checkpoint(path)
     except SpraError:
         return None
+
+
+class _SupportLookup(nn.Embedding):
+    """nn.Embedding's lookup through `_SupportEmbedding`, for an embedding subclass whose own forward
+    wraps ``super().forward`` (Gemma's ``embed_scale``): the patched module's class becomes
+    (its class, _SupportLookup), so its forward runs unchanged around the sparse-gradient lookup."""
+
+    def forward(self, input):
+        return self._spra_lookup(input)
+
+
+_LOOKUP_CLASSES: dict[type, type] = {}
+
+
+def _with_support_lookup(cls: type) -> type:
+    if cls not in _LOOKUP_CLASSES:
+        _LOOKUP_CLASSES[cls] = type(cls.__name__, (cls, _SupportLookup), {"__module__": cls.__module__})
+    return _LOOKUP_CLASSES[cls]
 
 
 def _weight_holders(model: nn.Module) -> dict[int, list[nn.Module]]:
