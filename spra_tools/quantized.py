@@ -4,7 +4,10 @@ A quantized weight cannot take a small delta in place, so an adapted quantized l
 forward and adds the unmerged sparse term, ``y = base(x) + x · Δᵀ`` (ops.sparse_linear_add, the
 primitive MultiAdapter serves with). Backward returns the input gradient through both terms (the
 layer's own backward, plus ``g · Δ`` by the transposed product) and Δ's gradient only at the
-support (ops.support_grad: sampled or dense-then-gathered, as for in-place layers).
+support (ops.support_grad: sampled or dense-then-gathered, as for in-place layers). The two
+products of the sparse term run by the sparse kernel (work ∝ support × tokens) or, with
+``SPRA_TOOLS_UNMERGED_PRODUCT=dense`` (for benchmarks and tests), as a dense GEMM over Δ scattered
+into a transient [out, in] matrix in the activations' dtype.
 
 Base identity. An adapter made on, or attached to, a quantized model describes the full-precision
 checkpoint the model was quantized from: names, shapes and dtypes of its unquantized tensors, and
@@ -34,6 +37,9 @@ from .errors import MismatchError, SpraError
 from .fingerprint import fingerprints, mismatches
 from .ops.sparse import SparseLayout
 from .support import Support
+
+PRODUCTS = ("sparse", "dense")
+PRODUCT_VARIABLE = "SPRA_TOOLS_UNMERGED_PRODUCT"
 
 # NF4 / FP4 of Gaussian weights err by ~10 % / ~15 % (relative L2), int8 by ~1 %; a quantization of
 # unrelated weights by ~140 %.
@@ -175,17 +181,34 @@ def check_quantized_from(module: nn.Module, name: str, values: torch.Tensor, ind
         )
 
 
+def product_setting() -> str:
+    """How the sparse term's products run: SPRA_TOOLS_UNMERGED_PRODUCT, "sparse" when unset."""
+    value = os.environ.get(PRODUCT_VARIABLE, "sparse").strip().lower() or "sparse"
+    if value not in PRODUCTS:
+        raise SpraError(f"{PRODUCT_VARIABLE}={value!r} is not one of {', '.join(PRODUCTS)}")
+    return value
+
+
+def _dense(values: torch.Tensor, indices: torch.Tensor, layout: SparseLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Δ as a dense [P, Q] matrix in `dtype`."""
+    dense = torch.zeros(layout.rows * layout.cols, dtype=dtype, device=values.device)
+    return dense.index_copy_(0, indices, values.to(dtype)).view(layout.rows, layout.cols)
+
+
 class _SparseTerm(torch.autograd.Function):
     """In place on the base layer's output y [T, P]: ``y += x · Δᵀ`` (x [T, Q]; Δ [P, Q] sparse, its
     values in support order). Backward: g passes on to y's producer; x gets ``g · Δ``; Δ gets the
     support gradient (fp32)."""
 
     @staticmethod
-    def forward(ctx, y, x, values, layout, indices):
-        ops.sparse_linear_add(y, x, layout, values)
+    def forward(ctx, y, x, values, layout, indices, product):
+        if product == "dense":
+            y.addmm_(x, _dense(values, indices, layout, y.dtype).t())
+        else:
+            ops.sparse_linear_add(y, x, layout, values)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, values, indices)
-        ctx.layout = layout
+        ctx.layout, ctx.product = layout, product
         return y
 
     @staticmethod
@@ -193,11 +216,14 @@ class _SparseTerm(torch.autograd.Function):
         x, values, indices = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
-            grad_x = torch.zeros(x.shape, dtype=g.dtype, device=g.device)
-            ops.sparse_linear_add(grad_x, g.contiguous(), ctx.layout, values, transposed=True)
+            if ctx.product == "dense":
+                grad_x = g @ _dense(values, indices, ctx.layout, g.dtype)
+            else:
+                grad_x = torch.zeros(x.shape, dtype=g.dtype, device=g.device)
+                ops.sparse_linear_add(grad_x, g.contiguous(), ctx.layout, values, transposed=True)
         if ctx.needs_input_grad[2]:
             grad_values = ops.support_grad(g, x, indices)
-        return g, grad_x, grad_values, None, None
+        return g, grad_x, grad_values, None, None, None
 
 
 @dataclass
@@ -223,7 +249,7 @@ class UnmergedLayer:
         if self.patched:
             raise SpraError(f"layer {self.name!r} already carries this sparse term")
         self.own_forward = self.module.__dict__.get("forward")
-        base, layout, indices = self.module.forward, self.layout, self.indices
+        base, layout, indices, product = self.module.forward, self.layout, self.indices, product_setting()
 
         def forward(x, *args, **kwargs):
             y = base(x, *args, **kwargs)
@@ -232,7 +258,7 @@ class UnmergedLayer:
             shape = y.shape
             y2 = y.view(-1, shape[-1])  # [T, out]
             x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)  # [T, in]
-            return _SparseTerm.apply(y2, x2, values(), layout, indices).view(shape)
+            return _SparseTerm.apply(y2, x2, values(), layout, indices, product).view(shape)
 
         self.module.forward = forward
         self.patched = True

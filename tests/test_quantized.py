@@ -61,8 +61,12 @@ QUANTIZATIONS = {
     ),
     "int8": (_bnb(load_in_8bit=True), HAVE_BNB, ("cpu", "cuda")),
     "torchao-int8": (_torchao("Int8WeightOnlyConfig"), HAVE_TORCHAO, ("cpu", "cuda")),
-    # torchao's int4 weight-only packs for its CUDA kernels (it needs the mslk package): GPU only.
-    "torchao-int4": (_torchao("Int4WeightOnlyConfig", group_size=32), HAVE_TORCHAO, ("cuda",)),
+    # torchao 0.18's int4 weight-only packings are CUDA kernels' (tinygemm here; "plain" needs mslk): GPU only.
+    "torchao-int4": (
+        _torchao("Int4WeightOnlyConfig", group_size=32, int4_packing_format="tile_packed_to_4d"),
+        HAVE_TORCHAO,
+        ("cuda",),
+    ),
 }
 
 
@@ -124,9 +128,12 @@ def test_every_linear_is_recognised(base, name, device):
         assert 0 < (deq - want).norm() / want.norm() < 0.25
 
 
+@pytest.mark.parametrize("product", quantized.PRODUCTS)
 @pytest.mark.parametrize("name, device", CASES)
-def test_sparse_term_matches_dequantized_reference(base, name, device):
-    """y = base(x) + x·Δᵀ and both gradients, against fp32 autograd over dequantized W + dense Δ."""
+def test_sparse_term_matches_dequantized_reference(base, name, device, product, monkeypatch):
+    """y = base(x) + x·Δᵀ and both gradients, against fp32 autograd over dequantized W + dense Δ,
+    with the sparse term's products by the sparse kernel and as dense GEMMs."""
+    monkeypatch.setenv(quantized.PRODUCT_VARIABLE, product)
     model = _load(base, name, device)
     sm = SparseModel(model, density=0.05, seed=7, targets=["all-linear"])
     _randomize(sm, scale=0.05)
@@ -235,8 +242,12 @@ def test_adapter_describes_the_full_precision_base(base, other_base, name, devic
 
 
 @pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (spra-tools[quant])")
-def test_merged_is_refused_and_the_base_must_be_found(base):
+def test_merged_is_refused_and_the_base_must_be_found(base, monkeypatch):
     model = _load(base, "nf4", "cpu")
+    monkeypatch.setenv(quantized.PRODUCT_VARIABLE, "sideways")
+    with pytest.raises(SpraError, match=quantized.PRODUCT_VARIABLE):
+        SparseModel(model, density=0.05, seed=7)
+    monkeypatch.delenv(quantized.PRODUCT_VARIABLE)
     with pytest.raises(SpraError, match="checkpoint"):
         SparseModel(model, density=0.05, seed=7, base=base / "missing")
     sm = SparseModel(model, density=0.05, seed=7)
