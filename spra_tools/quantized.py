@@ -21,6 +21,7 @@ model quantized from another base is refused even when the checkpoint named is t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -58,7 +59,10 @@ class QuantizedKind:
 def _bnb_4bit(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as F
 
-    return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    data, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # repacked for the CPU kernel by an inference call
+        data, state = F._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))  # it edits the state
+    return F.dequantize_4bit(data, state)
 
 
 def _bnb_8bit(module: nn.Module) -> torch.Tensor:

@@ -286,3 +286,41 @@ def test_train_quantize_writes_an_adapter_of_the_full_precision_base(tmp_path, c
     before = _corpus_loss(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer, lines)
     after = _corpus_loss(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), tokenizer, lines)
     assert after < before - 1.0, (before, after)
+
+
+@pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (spra-tools[quant])")
+def test_unmerged_adapters_stack_and_detach_in_any_order(base, tmp_path):
+    """Two adapters on an NF4 model: detaching the first leaves exactly "base + the second"."""
+    from spra_tools.live import stage, swap
+    from spra_tools.multi import MultiAdapter
+
+    paths = []
+    for seed in (1, 2):
+        sm = SparseModel(_load(base, "nf4", "cpu"), density=0.05, seed=seed, targets=["vo"])
+        _randomize(sm, seed=seed, scale=0.05)
+        paths.append(tmp_path / f"a{seed}.spra")
+        sm.save(paths[-1])
+    model = _load(base, "nf4", "cpu")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    plain = logits()
+    second = attach(model, paths[1])
+    only_second = logits()
+    second.detach()
+    assert torch.equal(logits(), plain)
+    first, second = attach(model, paths[0]), attach(model, paths[1])
+    assert not torch.equal(logits(), only_second)
+    first.detach()
+    assert torch.equal(logits(), only_second)
+    third = swap(second, stage(model, paths[0]))  # a staged adapter swaps in without re-verifying
+    with torch.no_grad():
+        attach(served := _load(base, "nf4", "cpu"), paths[0])
+        assert torch.equal(logits(), served(input_ids=ids).logits)
+    third.detach()
+    assert torch.equal(logits(), plain)
+    with pytest.raises(SpraError, match="quantized"):
+        MultiAdapter(model).load("a", paths[0])
