@@ -28,6 +28,7 @@ from .hub import REPO_ID, hub_errors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+CONFIG = "config.json"
 # Weight files of other formats are not copied: they would disagree with the written weights.
 _SKIP = re.compile(r"(\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|tflite)|\.index\.json)$")
 _HUB_ID = re.compile(rf"^{REPO_ID}(@[\w./-]+)?$")  # org/name[@revision]
@@ -151,6 +152,7 @@ def write_checkpoint(
     dense: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    config: dict | None = None,
 ) -> Path:
     """Write `ckpt` to `out`, shard by shard, never holding the model in memory.
 
@@ -158,6 +160,7 @@ def write_checkpoint(
     the tensors named in `edited` in place, `weight` being a view of the output file, so an edit
     that touches a few elements costs only those pages. `dense` tensors replace the base tensor
     of that name (any shape or dtype) or, when the base has none, are added to the last shard.
+    `config` entries replace those of the copied ``config.json`` (a directory base that has one).
     `out` appears only when complete; on any failure nothing is left behind.
     """
     dense = dict(dense or {})
@@ -178,6 +181,8 @@ def write_checkpoint(
                 bar.update(shard.file_size)
             if not ckpt.is_file:
                 _copy_side_files(ckpt.path, tmp)
+                if config and (tmp / CONFIG).is_file():
+                    _update_config(tmp / CONFIG, config)
                 if ckpt.index is not None:
                     index = dict(ckpt.index)
                     index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
@@ -280,6 +285,16 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     for p in sorted(src.iterdir()):
         if p.is_file() and not p.name.startswith(".") and not _SKIP.search(p.name):
             shutil.copy2(p, dst / p.name)
+
+
+def _update_config(path: Path, entries: dict) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"cannot read the model config ({e.__class__.__name__})", path) from None
+    if not isinstance(config, dict):
+        raise FormatError("the model config is not a JSON object", path)
+    path.write_text(json.dumps({**config, **entries}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _progress(total: int, enabled: bool):

@@ -47,6 +47,7 @@ from . import ops, quantized
 from .adapter import Adapter
 from .errors import MismatchError, SpraError
 from .fingerprint import mismatches
+from .names import NameMap
 from .support import SeededSupport
 
 
@@ -167,15 +168,22 @@ def as_adapter(adapter_or_path) -> Adapter:
 
 def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Handle:
     """A detached handle of `adapter` on `model`: parameters resolved, fingerprints verified against
-    the base values (MismatchError naming `where` otherwise), values on the weights' devices."""
+    the base values (MismatchError naming `where` otherwise), values on the weights' devices.
+
+    The adapter's tensors are checkpoint names; each resolves to the parameter transformers loads it
+    into (`spra_tools.names`: a task class over a bare base, a bare class over a task checkpoint,
+    renames on load)."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    names = NameMap(model, [*adapter.deltas, *adapter.dense])
     groups: dict[tuple, _Group] = {}
     seen: set[int] = set()
-    layers = quantized.quantized_layers(model)
+    layers, unmerged = quantized.quantized_layers(model), {}
     for name, delta in adapter.deltas.items():
-        if name in layers:  # a sparse term beside the quantized weight, not in it
+        model_name = names.model_name(name) or name
+        if model_name in layers:  # a sparse term beside the quantized weight, not in it
+            unmerged[name] = layers[model_name]
             continue
-        param = params.get(name)
+        param = params.get(model_name)
         if param is None:
             raise MismatchError(f"tensor {name!r}: not a parameter of this model; is this the adapter's base?", where)
         if id(param) in seen:  # a tied weight already adapted under its other name
@@ -196,7 +204,7 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
         g.counts.append(delta.support.count)
     dense = {}
     for name, value in adapter.dense.items():
-        param = params.get(name)
+        param = params.get(names.model_name(name) or name)
         if param is None or tuple(param.shape) != tuple(value.shape):
             raise MismatchError(f"dense tensor {name!r}: no parameter of that name and shape in the model", where)
         dense[name] = (param, value.to(param.device, param.dtype))
@@ -205,10 +213,8 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
         if not seeded:
             g.indices = _offsets(g.supports, device)
         _verify(model, adapter, g, where)
-    unmerged = quantized.prepare_unmerged(
-        model, adapter, [n for n in adapter.deltas if n in layers], scale, layers, where
-    )
-    return Handle(model, adapter, scale, list(groups.values()), dense, unmerged=unmerged)
+    terms = quantized.prepare_unmerged(model, adapter, unmerged, scale, where)
+    return Handle(model, adapter, scale, list(groups.values()), dense, unmerged=terms)
 
 
 def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:

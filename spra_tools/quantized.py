@@ -14,7 +14,7 @@ checkpoint the model was quantized from: names, shapes and dtypes of its unquant
 fingerprints of the checkpoint's own values at the support, read from its files (quantized values
 identify nothing: they change with the quantization settings). So `verify` / `apply` against that
 checkpoint work as for any adapter, and on a quantized model the checkpoint is found from where the
-model was loaded (``model.name_or_path``, or `base` given explicitly). The quantized weights must
+model was loaded (``model.config.name_or_path``, or `base` given explicitly). The quantized weights must
 also agree with the checkpoint at the support within quantization error (`MAX_RELATIVE_ERROR`): a
 model quantized from another base is refused even when the checkpoint named is the right one.
 """
@@ -143,7 +143,7 @@ def open_base(model: nn.Module, base: str | os.PathLike | Checkpoint | None) -> 
     """The full-precision checkpoint of a quantized model: `base`, or where the model was loaded from."""
     if isinstance(base, Checkpoint):
         return base
-    spec = base if base is not None else getattr(model, "name_or_path", None)
+    spec = base if base is not None else getattr(getattr(model, "config", None), "name_or_path", None)
     if not spec:
         raise SpraError(
             "a quantized model's adapter is fingerprinted against its full-precision checkpoint, and this model "
@@ -283,38 +283,36 @@ class UnmergedDelta:
     full-precision checkpoint (module docstring): dtype and fingerprints of the checkpoint's values."""
 
     layer: UnmergedLayer
+    key: str  # the weight's name in the checkpoint
     support: Support
-    checkpoint: Checkpoint
     dtype: torch.dtype
     fingerprint: dict[str, str]
 
     @classmethod
-    def of(cls, name: str, module: nn.Module, support: Support, base, model: nn.Module) -> UnmergedDelta:
-        """Layer `name` of `model` at `support`, its base read from `base` (a Checkpoint, a path, or None:
-        where the model was loaded from)."""
-        ckpt = open_base(model, base)
+    def of(cls, name: str, key: str, module: nn.Module, support: Support, ckpt: Checkpoint) -> UnmergedDelta:
+        """Layer `name` of a model at `support`; its weight is tensor `key` of the checkpoint `ckpt`."""
         indices = ops.support_indices(support, module.weight.device)
-        values = base_values(ckpt, name, module, indices)
-        check_quantized_from(module, name, values, indices)
-        return cls(UnmergedLayer.of(name, module, indices), support, ckpt, values.dtype, fingerprints(values))
+        values = base_values(ckpt, key, module, indices)
+        check_quantized_from(module, key, values, indices)
+        return cls(UnmergedLayer.of(name, module, indices), key, support, values.dtype, fingerprints(values))
 
     def delta(self, values: torch.Tensor) -> TensorDelta:
         """The adapter entry of this layer with `values` (in support order)."""
         shape = logical_shape(self.layer.module)
-        return TensorDelta(self.layer.name, shape, self.dtype, self.support, values, self.fingerprint)
+        return TensorDelta(self.key, shape, self.dtype, self.support, values, self.fingerprint)
 
 
-def prepare_unmerged(model: nn.Module, adapter, names: list[str], scale: float, layers: dict[str, nn.Module],
+def prepare_unmerged(model: nn.Module, adapter, layers: dict[str, nn.Module], scale: float,
                      where=None) -> list[tuple[UnmergedLayer, torch.Tensor]]:  # fmt: skip
-    """The sparse terms of `adapter`'s tensors `names` (weights of the quantized `layers` of `model`),
-    each with its values (times `scale`) on its layer's device, verified first against the model's
-    full-precision checkpoint (MismatchError naming `where` for a wrong base; module docstring)."""
-    if not names:
+    """The sparse terms of `adapter` on the quantized `layers` of `model` (adapter tensor name ->
+    layer), each with its values (times `scale`) on its layer's device, verified first against the
+    model's full-precision checkpoint (MismatchError naming `where` for a wrong base; module docstring)."""
+    if not layers:
         return []
     ckpt = open_base(model, None)
     terms = []
-    for name in names:
-        delta, module = adapter.deltas[name], layers[name]
+    for name, module in layers.items():
+        delta = adapter.deltas[name]
         if delta.shape != logical_shape(module):
             raise MismatchError(
                 f"tensor {name!r}: shape {list(logical_shape(module))} in the model, {list(delta.shape)} in the adapter",

@@ -97,7 +97,9 @@ def apply_adapter(
     Each adapter is checked before anything is written (names, shapes, dtypes) and each tensor's
     fingerprint before that tensor is written; a mismatch aborts and leaves no output. An adapter
     may fingerprint either the base or the weights it lands on (a chain trained on base + earlier
-    adapters). Returns timing and size statistics.
+    adapters). A trained adapter's task sets the written config's ``architectures`` (the class
+    that trained it) and a classifier's labels, so transformers loads the result as that model.
+    Returns timing and size statistics.
     """
     for path, adapter in adapters:
         problems = _structure_problems(ckpt, adapter)
@@ -130,7 +132,8 @@ def apply_adapter(
                 )
 
     t0 = time.perf_counter()
-    write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress)
+    config = _config_entries(adapters)
+    write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress, config=config)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
@@ -138,3 +141,17 @@ def apply_adapter(
         "values": sum(a.num_values for _, a in adapters),
         "out": str(Path(out)),
     }
+
+
+def _config_entries(adapters: list[tuple[str, Adapter]]) -> dict:
+    """The config.json entries the adapters' tasks set (the last adapter that says wins)."""
+    entries = {}
+    for _, adapter in adapters:
+        task = adapter.task or {}
+        if isinstance(task.get("architecture"), str):
+            entries["architectures"] = [task["architecture"]]
+        labels = task.get("id2label")
+        if isinstance(labels, dict) and labels and all(str(k).isdigit() for k in labels):
+            entries["id2label"] = {str(k): str(v) for k, v in labels.items()}
+            entries["label2id"] = {str(v): int(k) for k, v in labels.items()}
+    return entries

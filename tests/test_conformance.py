@@ -138,13 +138,8 @@ KNOWN_FAILURES: list[tuple[tuple[str, ...], str, str]] = [
     (("create",), r"^modernbert-.*-vo$", "vo's regex knows no ModernBERT fused attn.Wqkv / attn.Wo"),
     (("create",), r"^(bert|deberta_v2|distilbert|modernbert|electra)-task-.*-all-linear$", ALL_LINEAR_HEAD),
     (_TRAINED, _MOE, ROUTER),
-    (_TRAINED, _ENCODERS, BIAS),
     (("train-forward", "train-grad"), r"^gemma[23]-", SCALED_EMBEDDING),
-    (("train-verify", "apply", "apply-config"), r"-bare-", PREFIX_TRAIN),
-    (("train-verify",), r"-(fp32|fp16)-", DTYPE),
-    (("apply-config",), r"", CONFIG),
     (("attach", "convert"), _MOE, MOE_NAMES),
-    (("attach",), r"-bare-.*-seq-cls$", PREFIX_ATTACH),
     (("attach",), r"^(bert|deberta_v2|distilbert|electra)-task-.*-seq-cls$", ALL_LINEAR_HEAD),
     (("convert",), r"^gpt_neox-", NEOX_RENAME),
 ]

@@ -17,7 +17,7 @@ from spra_tools import ops
 from spra_tools.adapter import Adapter
 from spra_tools.checkpoint import open_checkpoint
 from spra_tools.dtypes import bit_view
-from spra_tools.surgery import apply_adapter
+from spra_tools.surgery import apply_adapter, verify_adapter
 from spra_tools.testing import build_tiny_model
 from spra_tools.train import SparseAdamW, SparseModel
 
@@ -255,6 +255,27 @@ def test_continue_from_an_adapter(tmp_path):
     again = SparseModel(_load(tmp_path / "base"), adapter=tmp_path / "a.spra")
     for (n, p), (_, q) in zip(sm.model.named_parameters(), again.model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("stored,loaded", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_trained_in_another_dtype_fits_its_checkpoint(stored, loaded, tmp_path):
+    """Loaded in another dtype than the checkpoint's, the adapter records the checkpoint's dtype and
+    the fingerprints of its values: verify accepts it on that checkpoint and apply writes
+    cast(W + delta) in the checkpoint's dtype."""
+    build_tiny_model("llama", tmp_path / "base", stored)
+    sm = SparseModel(_load(tmp_path / "base", loaded), density=0.1, seed=2, targets=["all-linear"])
+    _randomize(sm)
+    adapter = sm.adapter()
+    assert {d.dtype for d in adapter.deltas.values()} == {stored} and not adapter.exact
+    base = open_checkpoint(tmp_path / "base")
+    assert verify_adapter(base, adapter) == []
+    apply_adapter(base, [("a", adapter)], tmp_path / "out")
+    out = open_checkpoint(tmp_path / "out")
+    for name, d in adapter.deltas.items():
+        w = base.read(name).reshape(-1)
+        idx = d.indices()
+        w[idx] = (w[idx].float() + d.values.float()).to(stored)
+        assert torch.equal(bit_view(out.read(name).reshape(-1)), bit_view(w)), name
 
 
 def _ddp_worker(rank, world, base, init_file, out):

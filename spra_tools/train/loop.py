@@ -126,10 +126,17 @@ def _load_model(config: TrainConfig, base_dir: Path, device, id2label, pad_id: i
     return model if config.quantize else model.to(device)
 
 
-def _head_patterns(model) -> list[str]:
-    """Regexes of the new classification head's tensors (trained densely, stored whole)."""
-    names = [n for n, _ in model.named_parameters() if n.split(".")[0] in ("score", "classifier")]
-    return [f"^{re.escape(n)}$" for n in names]
+def _head_patterns(model, checkpoint) -> list[str]:
+    """Regexes of the classification head's tensors (trained densely, stored whole): every parameter
+    the task class adds around its base model (weights, biases, norms; one layer or several), and
+    every parameter the checkpoint lacks (transformers initialized it anew)."""
+    from ..names import NameMap
+
+    names = NameMap(model, checkpoint.names())
+    base = getattr(model, "base_model", model)
+    inside = {id(p) for p in base.parameters()} if base is not model else set()
+    head = [n for n, p in model.named_parameters() if id(p) not in inside or names.is_new(n)]
+    return [f"^{re.escape(n)}$" for n in head]
 
 
 @dataclass
@@ -281,10 +288,11 @@ def _data_record(data: TokenizedData) -> dict:
 
 
 def _sparse_model(config: TrainConfig, model, checkpoint) -> SparseModel:
-    """`model` made trainable at its seeded support (a new classification head densely), in train mode;
-    quantized layers are fingerprinted against `checkpoint`, the full-precision base."""
-    dense = _head_patterns(model) if config.task == "seq-cls" else ()
-    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense, base=checkpoint)
+    """`model` made trainable at its seeded support (a classification head densely), in train mode,
+    its adapter keyed by and fingerprinted against `checkpoint`."""
+    dense = _head_patterns(model, checkpoint) if config.task == "seq-cls" else ()
+    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense,
+                     base=checkpoint)  # fmt: skip
     if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

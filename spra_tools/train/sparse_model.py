@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import ops, quantized
 from ..adapter import Adapter, TensorDelta
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..dtypes import TORCH_DTYPES, dtype_name
 from ..errors import SpraError
 from ..fingerprint import fingerprints
+from ..names import NameMap
 from ..support import SeededSupport
 from ..targets import select
 
@@ -91,16 +96,23 @@ class _SupportEmbedding(torch.autograd.Function):
 class SparseModel(nn.Module):
     """Wrap `model` so that only a sparse subset of its weights trains (module docstring).
 
-    Either a new seeded support (`density`, `seed`, `targets` — preset names or regexes — and
-    `exclude`), or `adapter` (a path or Adapter) to continue training from its supports and values.
-    Tensors matching a regex of `dense` (e.g. a new classification head) train in full and are
-    saved as dense tensors, ``cast(W0 + Δ)``, rather than as deltas. A model with quantized layers
-    records its full-precision checkpoint in the adapter: `base`, else where the model was loaded from.
+    Either a new seeded support (`density`, `seed`, `targets` — preset names or regexes over the
+    checkpoint's tensor names, as `create` takes them — and `exclude`), or `adapter` (a path or
+    Adapter) to continue training from its supports and values. Tensors matching a regex of
+    `dense` (by model or checkpoint name; e.g. a new classification head: weights, biases, norms)
+    train in full and are saved whole, ``cast(W0 + Δ)``, rather than as deltas.
+
+    `base` is the checkpoint the model was loaded from (a Checkpoint or its path; by default the
+    model's ``config.name_or_path`` when that is a local checkpoint). The adapter is keyed by its
+    tensor names (`spra_tools.names`: ``base_model_prefix``, renames on load, tied weights) and
+    records its dtypes and fingerprints, so it applies to that checkpoint whatever class and
+    dtype trained it. Without a checkpoint the model's own names and weights stand in. A model with
+    quantized layers needs its full-precision checkpoint (`base`, or where the model was loaded from).
     """
 
     def __init__(self, model: nn.Module, density: float | None = None, seed: int | None = None,
                  targets=("vo",), exclude=(), adapter: str | os.PathLike | Adapter | None = None,
-                 dense=(), base=None):  # fmt: skip
+                 dense=(), base: Checkpoint | str | os.PathLike | None = None):  # fmt: skip
         super().__init__()
         self.model = model
         for p in model.parameters():
@@ -108,48 +120,78 @@ class SparseModel(nn.Module):
         params = dict(model.named_parameters())
         qlayers = quantized.quantized_layers(model)
         shapes = {n: quantized.logical_shape(qlayers[n]) if n in qlayers else tuple(p.shape) for n, p in params.items()}
-        self._dense = set(select(((n, "F32", shapes[n]) for n in params), list(dense))) if dense else set()
+        self.base = (
+            _checkpoint_of(model) if base is None else base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        )
+        self.names = NameMap(model, None if self.base is None else self.base.names())
+        ckpt_name = {n: self.names.checkpoint_name(n) for n in params}
+        self._dense = set()
+        if dense:
+            by_model = set(select(((n, "F32", shapes[n]) for n in params), list(dense)))
+            by_ckpt = set(select(((ckpt_name[n], "F32", shapes[n]) for n in params), list(dense)))
+            self._dense = {n for n in params if n in by_model or ckpt_name[n] in by_ckpt}
         if adapter is not None:
             adapter = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
-            supports = {n: d.support for n, d in adapter.deltas.items()}
+            supports = {self._model_name(n, params): d.support for n, d in adapter.deltas.items()}
             with torch.no_grad():
                 for name, values in adapter.dense.items():
-                    if name in params and name in self._dense:
+                    name = self._model_name(name, params)
+                    if name in self._dense:
                         params[name].copy_(values.reshape(params[name].shape))
         else:
             if density is None or seed is None:
                 raise SpraError("SparseModel needs density and seed (or an adapter)")
-            names = select(((n, "F32", shapes[n]) for n in params), targets, exclude)
-            supports = {n: SeededSupport(seed, n, math.prod(shapes[n]), density) for n in names}
-        supports.update({n: SeededSupport(0, n, params[n].numel(), 1.0) for n in self._dense})
+            candidates = [(ckpt_name[n], "F32", shapes[n]) for n in params if n not in self._dense]
+            chosen = set(select(candidates, targets, exclude)) if candidates else set()
+            # Seeded supports are drawn under checkpoint names: the ones `create` draws on the base.
+            supports = {
+                n: SeededSupport(seed, ckpt_name[n], math.prod(shapes[n]), density)
+                for n in params
+                if ckpt_name[n] in chosen
+            }
+        supports.update({n: SeededSupport(0, ckpt_name[n], params[n].numel(), 1.0) for n in self._dense})
         if not supports:
             raise SpraError("no weight of this model matches the targets")
         holders = _weight_holders(model)
         self.deltas = nn.ParameterDict()
         self._sites: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}  # name -> W, idx, W0[s]
         self._patched: list[nn.Module] = []
+        self._parametrized: list[tuple[nn.Module, str]] = []
         self._unmerged: dict[str, quantized.UnmergedDelta] = {}
+        if any(n in qlayers for n in supports):  # fingerprinted against the full-precision checkpoint
+            self.base = quantized.open_base(model, self.base)
         for name, support in supports.items():
             if name in qlayers:
                 if name in self._dense:
                     raise SpraError(f"tensor {name!r}: a quantized layer cannot train densely")
-                init = adapter.deltas[name].values.float() if adapter is not None else torch.zeros(support.count)
-                self._unmerged[name] = site = quantized.UnmergedDelta.of(name, qlayers[name], support, base, model)
-                base = site.checkpoint  # opened once for all layers
-                key = name.replace(".", "/")
-                self.deltas[key] = nn.Parameter(init.to(qlayers[name].weight.device))
+                module, key = qlayers[name], name.replace(".", "/")
+                site = quantized.UnmergedDelta.of(name, ckpt_name[name], module, support, self.base)
+                init = (
+                    adapter.deltas[ckpt_name[name]].values.float()
+                    if adapter is not None
+                    else torch.zeros(support.count)
+                )
+                self.deltas[key] = nn.Parameter(init.to(module.weight.device))
+                self._unmerged[name] = site
                 site.layer.patch(lambda key=key: self.deltas[key])
                 continue
             weight = params.get(name)
-            if weight is None or not holders.get(id(weight)):
+            whole = name in self._dense and not holders.get(id(weight))
+            if weight is None or not (holders.get(id(weight)) or whole):
                 raise SpraError(f"tensor {name!r}: not the weight of a Linear, Conv1D or Embedding layer of this model")
             idx = ops.support_indices(support, weight.device)
             original = ops.gather(weight.data, idx).clone()
-            init = adapter.deltas[name].values.float() if adapter is not None else torch.zeros(support.count)
+            init = (
+                adapter.deltas[ckpt_name[name]].values.float()
+                if name not in self._dense and adapter is not None
+                else None
+            )
             key = name.replace(".", "/")
-            self.deltas[key] = nn.Parameter(init.to(weight.device))
+            self.deltas[key] = nn.Parameter((torch.zeros(support.count) if init is None else init).to(weight.device))
             self._sites[name] = (weight, idx, original)
-            for module in holders[id(weight)]:  # tied weights: every user contributes to one delta
+            if whole:  # a bias or norm weight of the head: its module reads it through `_Whole`
+                self._parametrize(model, name, key)
+            for module in holders.get(id(weight), ()):  # tied weights: every user contributes to one delta
                 self._patch(module, key, idx)
         self._supports = supports
         # DDP syncs only the deltas; the frozen base is identical on every rank by construction.
@@ -157,6 +199,19 @@ class SparseModel(nn.Module):
             f"model.{n}" for n, _ in [*model.named_parameters(), *model.named_buffers()]
         ]
         self.sync()
+
+    def _model_name(self, checkpoint_name: str, params: dict) -> str:
+        """The model parameter an adapter's tensor (keyed by checkpoint name) belongs to."""
+        name = self.names.model_name(checkpoint_name) or checkpoint_name
+        if name not in params:
+            raise SpraError(f"tensor {checkpoint_name!r} of the adapter: no parameter of this model holds it")
+        return name
+
+    def _parametrize(self, model: nn.Module, name: str, key: str) -> None:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        parametrize.register_parametrization(module, attr, _Whole(self.deltas, key), unsafe=True)
+        self._parametrized.append((module, attr))
 
     def _patch(self, module: nn.Module, key: str, idx: torch.Tensor) -> None:
         if isinstance(module, nn.Embedding):
@@ -222,36 +277,91 @@ class SparseModel(nn.Module):
         self.sync()
         for module in self._patched:
             del module.forward
+        for module, attr in self._parametrized:  # the original tensor holds cast(W0 + Δ) already
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         for p in self.model.parameters():
             p.requires_grad_(True)
-        self._patched, self._sites = [], {}
+        self._patched, self._parametrized, self._sites = [], [], {}
         return self.model
 
     def adapter(self, values_dtype: torch.dtype = torch.bfloat16, provenance: dict | None = None,
                 task: dict | None = None) -> Adapter:  # fmt: skip
+        """The trained adapter, keyed by checkpoint names. Each tensor records the checkpoint's dtype and
+        the fingerprints of the checkpoint's values (read from it where the model was loaded in
+        another dtype); the task records the model class that trained it (`apply` writes it to the
+        config as the architecture)."""
         deltas, dense = {}, {}
-        for name, delta, weight, _, original in self.sites():
+        converted = False
+        for name, delta, weight, idx, original in self.sites():
+            key = self.names.checkpoint_name(name)
             if name in self._unmerged:
-                deltas[name] = self._unmerged[name].delta(delta.detach().to(values_dtype).cpu())
+                deltas[key] = self._unmerged[name].delta(delta.detach().to(values_dtype).cpu())
                 continue
             if name in self._dense:
-                dense[name] = weight.detach().clone().cpu()
+                value = weight.detach().clone().cpu()
+                if self.base is not None and key in self.base:  # stored in the checkpoint's dtype
+                    value = value.to(TORCH_DTYPES[self.base.info(key).dtype])
+                dense[key] = value
                 continue
+            dtype, base_values = weight.dtype, original.cpu()
+            if self.base is not None and key in self.base and self.base.info(key).dtype != dtype_name(dtype):
+                stored = self.base.view(key)
+                dtype, base_values, converted = stored.dtype, ops.gather(stored, idx.cpu()), True
             values = delta.detach().to(values_dtype).cpu()
-            deltas[name] = TensorDelta(
-                name, tuple(weight.shape), weight.dtype, self._supports[name], values, fingerprints(original.cpu())
+            deltas[key] = TensorDelta(
+                key, tuple(weight.shape), dtype, self._supports[name], values, fingerprints(base_values)
             )
-        base = {"name": getattr(getattr(self.model, "config", None), "name_or_path", None) or None}
+        if self.base is not None:
+            base = self.base.identity()
+        else:
+            base = {"name": getattr(getattr(self.model, "config", None), "name_or_path", None) or None}
         provenance = {"method": "train", **(provenance or {})}
-        if self._unmerged:  # the checkpoint the quantized base came from, and how it was quantized
-            base = {"name": next(iter(self._unmerged.values())).checkpoint.name}
+        if self._unmerged:  # how the base was quantized; the adapter describes its full-precision checkpoint
             provenance["quantization"] = quantized.quantization_record(self.model)
-        return Adapter(deltas, dense, base, task or {}, provenance, values_dtype == torch.float32)
+        task = {**({"architecture": type(self.model).__name__} if task else {}), **(task or {})}
+        # Trained in another dtype than the checkpoint's, the weights `apply` writes differ by rounding.
+        exact = values_dtype == torch.float32 and not converted
+        return Adapter(deltas, dense, base, task, provenance, exact)
 
     def save(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
              provenance: dict | None = None, task: dict | None = None) -> None:  # fmt: skip
         """Write the trained adapter (fp32 values reproduce the trained weights bit for bit)."""
         self.adapter(values_dtype, provenance, task).save(path, overwrite)
+
+
+class _DenseGrad(torch.autograd.Function):
+    """A head tensor as it is (it holds ``cast(W0 + Δ)``); its gradient goes to the fp32 delta Δ."""
+
+    @staticmethod
+    def forward(ctx, weight, delta):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.reshape(-1).float()
+
+
+class _Whole(nn.Module):
+    """Parametrization of a tensor trained whole that no patched layer reads (a bias, a norm weight):
+    the module sees the tensor, autograd sees the delta."""
+
+    def __init__(self, deltas: nn.ParameterDict, key: str):
+        super().__init__()
+        self._delta = lambda: deltas[key]  # not a submodule: the delta is SparseModel's, not the model's
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _DenseGrad.apply(weight, self._delta())
+
+
+def _checkpoint_of(model: nn.Module) -> Checkpoint | None:
+    """The local checkpoint `model` was loaded from (transformers records its path), if any."""
+    path = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not path or not Path(path).exists():
+        return None
+    try:
+        return open_checkpoint(path)
+    except SpraError:
+        return None
 
 
 def _weight_holders(model: nn.Module) -> dict[int, list[nn.Module]]:
