@@ -18,7 +18,7 @@ from . import format as fmt
 from . import ops
 from .dtypes import TORCH_DTYPES, dtype_name, from_raw, raw_bits
 from .errors import SpraError
-from .fingerprint import fingerprints, mismatches
+from .fingerprint import MISMATCH, fingerprints, mismatches
 from .fsutil import atomic_path
 from .support import ExplicitSupport, Support
 
@@ -52,7 +52,7 @@ class TensorDelta:
         if weight.dtype != self.dtype and strict_dtype:
             return f"dtype {dtype_name(weight.dtype)} differs from the adapter's {dtype_name(self.dtype)}"
         if mismatches(base_values, [base_values.numel()], [self.fingerprint])[0]:
-            return "values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)"
+            return MISMATCH
         return None
 
 

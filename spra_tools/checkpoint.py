@@ -5,10 +5,14 @@ A base is a model directory (one ``model.safetensors`` or shards with
 resolved through huggingface_hub (its cache, ``HF_HUB_OFFLINE``, tokens as usual). Reading
 touches one tensor at a time. Writing keeps the input's shard names, tensor order and index,
 copies untouched tensors byte for byte (kernel-side copy), and holds one tensor in memory.
+
+Opening a checkpoint and `stream_checkpoint` need no torch (a file apply pays nothing to import
+it); the torch views and `write_checkpoint` import it when called.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,15 +20,17 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import format as fmt
-from .dtypes import DTYPE_NAMES, TORCH_DTYPES
-from .errors import FormatError, SpraError
+from .errors import FormatError, MismatchError, SpraError
 from .fsutil import atomic_path
 from .hub import REPO_ID, hub_errors
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -60,6 +66,26 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
+
+    def mismatch(self, name: str, shape: tuple[int, ...], dtype: str) -> str | None:
+        """Why an adapted tensor `name` of `shape` and dtype name `dtype` does not fit this base, or None."""
+        if name not in self:
+            return "not in the base"
+        info = self.info(name)
+        if info.shape != tuple(shape):
+            return f"shape {list(info.shape)} in the base, {list(shape)} in the adapter"
+        if info.dtype != dtype:
+            return f"dtype {info.dtype} in the base, {dtype} in the adapter"
+        return None
+
+    def check_fits(self, tensors: dict[str, tuple[tuple[int, ...], str]], where: str | os.PathLike) -> None:
+        """MismatchError naming the first adapted tensor (name -> (shape, dtype name)) of the adapter
+        at `where` that does not fit this base, and how many more do not."""
+        problems = {n: why for n, (shape, dtype) in tensors.items() if (why := self.mismatch(n, shape, dtype))}
+        if problems:
+            name, why = next(iter(problems.items()))
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise MismatchError(f"tensor {name!r}: {why}{more}; is this the adapter's base?", where)
 
     @property
     def numel(self) -> int:
@@ -140,6 +166,8 @@ def _download(repo: str, revision: str | None) -> Path:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor."""
+    import torch
+
     t = t.detach().contiguous().cpu().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy() if t.numel() else b"")
 
@@ -164,20 +192,121 @@ def write_checkpoint(
     `out` appears only when complete; on any failure nothing is left behind.
     """
     dense = dict(dense or {})
+    added = {n: t for n, t in dense.items() if n not in ckpt}
+
+    def write_shard(shard: fmt.Container, target: Path, last: bool) -> tuple[int, list[str]]:
+        extra = added if last else {}
+        total = _copy_shard(shard, target, dense, extra)
+        _edit_shard(target, [n for n in shard.tensors if n in edited and n not in dense], edit)
+        return total, [*shard.tensors, *extra]
+
+    return _write_shards(ckpt, out, write_shard, overwrite, progress, config)
+
+
+def stream_checkpoint(
+    ckpt: Checkpoint,
+    out: str | os.PathLike,
+    patch: Callable[[str, np.ndarray, int], None],
+    patched: set[str],
+    overwrite: bool = False,
+    progress: bool = False,
+    config: dict | None = None,
+) -> Path:
+    """Write `ckpt` to `out` with the tensors named in `patched` changed on the way (no torch).
+
+    The output has the base's bytes and layout. Every byte of a patched tensor is read once into
+    a small buffer, changed there and written once; ``patch(name, elements, first)`` changes one
+    chunk in place, `elements` being its raw elements as unsigned integers of the element's width
+    (uint16 for BF16 / F16, uint32 for F32) from flat element `first` on. A tensor's chunks come
+    in order from one thread; different tensors may be patched at once on different threads (the
+    copy is bound by memory copies, which one core does not saturate). Everything else is copied
+    in the kernel. `config` entries replace those of the copied ``config.json``, as in
+    `write_checkpoint`. `out` appears only when complete; on any failure (an exception from
+    `patch` included) nothing is left behind.
+    """
+
+    def write_shard(shard: fmt.Container, target: Path, last: bool) -> tuple[int, list[str]]:
+        with open(shard.path, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
+            jobs, done = [], 0  # bytes of the shard covered so far
+            for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
+                if t.name in patched and t.nbytes:
+                    jobs += _copy_jobs(src.fileno(), dst.fileno(), done, t.begin, src.name)
+                    jobs.append(functools.partial(_patch_range, src.fileno(), dst.fileno(), t, patch, src.name))
+                    done = t.end
+            jobs += _copy_jobs(src.fileno(), dst.fileno(), done, shard.file_size, src.name)
+            _run_jobs(jobs)
+        return shard.file_size - 8 - shard.header_size, list(shard.tensors)
+
+    return _write_shards(ckpt, out, write_shard, overwrite, progress, config)
+
+
+# Bytes a streamed tensor moves per read and write: small enough to stay in the CPU's cache between
+# the two copies (so the write reads it from cache), large enough that system calls and the patch's
+# per-chunk work do not count. Measured on a 2-core Xeon: 512 KiB-1 MiB cost least; 2 MiB, 30 % more.
+_STREAM_CHUNK = 1 << 19
+# Bytes of one kernel-side copy job: pieces small enough to share out between threads.
+_COPY_JOB = 16 << 20
+# Threads of a stream: memory copies scale to a few cores, not to many.
+_STREAM_THREADS = 4
+
+
+def _copy_jobs(src: int, dst: int, begin: int, end: int, name: str) -> list:
+    """Jobs copying bytes [begin, end) of `src` to the same place in `dst`."""
+    return [
+        functools.partial(_copy_at, src, dst, pos, min(_COPY_JOB, end - pos), name)
+        for pos in range(begin, end, _COPY_JOB)
+    ]
+
+
+def _run_jobs(jobs: list) -> None:
+    """Run ``job(buffer)`` for every job on a few threads, each with its own buffer. After a failure
+    no job starts; the one raised is that of the first job to fail in list order (every job before
+    it has run), so errors are the same as in one thread."""
+    import threading
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pending, lock, errors = iter(enumerate(jobs)), threading.Lock(), []
+
+    def work() -> None:
+        buffer = bytearray(_STREAM_CHUNK)
+        while not errors:
+            with lock:
+                i, job = next(pending, (None, None))
+            if job is None:
+                return
+            try:
+                job(buffer)
+            except BaseException as e:  # re-raised on the calling thread
+                errors.append((i, e))
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(_STREAM_THREADS, cores, len(jobs)) - 1)]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join()
+    if errors:
+        raise min(errors, key=lambda x: x[0])[1]
+
+
+def _write_shards(ckpt: Checkpoint, out, write_shard, overwrite: bool, progress: bool, config: dict | None) -> Path:
+    """The shard loop both writers share: atomic output, shard names kept, side files (with the
+    `config` entries), the index.
+
+    ``write_shard(shard, target, last)`` writes one shard and returns (bytes of tensor data,
+    names of the tensors in it)."""
     out = Path(out)
     if ckpt.path.resolve() == out.resolve() or (not ckpt.is_file and ckpt.path.resolve() in out.resolve().parents):
         raise SpraError("output must not be the base or lie inside it", out)
-    added = {n: t for n, t in dense.items() if n not in ckpt}
     with atomic_path(out, overwrite, directory=not ckpt.is_file) as tmp:
         bar = _progress(sum(c.file_size for c in ckpt.shards), progress)
         try:
             weight_map, total = {}, 0
             for i, shard in enumerate(ckpt.shards):
-                extra = added if i == len(ckpt.shards) - 1 else {}
                 target = tmp if ckpt.is_file else tmp / Path(shard.path).name
-                total += _copy_shard(shard, target, dense, extra)
-                _edit_shard(target, [n for n in shard.tensors if n in edited and n not in dense], edit)
-                weight_map.update({n: target.name for n in [*shard.tensors, *extra]})
+                size, names = write_shard(shard, target, i == len(ckpt.shards) - 1)
+                total += size
+                weight_map.update({n: target.name for n in names})
                 bar.update(shard.file_size)
             if not ckpt.is_file:
                 _copy_side_files(ckpt.path, tmp)
@@ -195,6 +324,54 @@ def write_checkpoint(
     return out
 
 
+def _patch_range(src: int, dst: int, info: fmt.TensorInfo, patch, name: str, buffer: bytearray) -> None:
+    """Read tensor `info` chunk by chunk into `buffer`, let `patch` change each chunk, write it to
+    the same place in `dst`."""
+    width = fmt.DTYPES[info.dtype][0]
+    uint = np.dtype(f"<u{width}")
+    step = len(buffer) // width * width
+    for offset in range(info.begin, info.end, step):
+        view = memoryview(buffer)[: min(step, info.end - offset)]
+        _read_at(src, view, offset, name)
+        patch(info.name, np.frombuffer(view, dtype=uint), (offset - info.begin) // width)
+        _write_at(dst, view, offset)
+
+
+def _copy_at(src: int, dst: int, offset: int, length: int, name: str, buffer: bytearray) -> None:
+    """Bytes [offset, offset + length) of `src` to the same place in `dst`: in the kernel, or
+    through `buffer` where the filesystems cannot (copy_file_range across filesystems)."""
+    end = offset + length
+    try:
+        while offset < end:
+            n = os.copy_file_range(src, dst, end - offset, offset, offset)
+            if n == 0:
+                raise FormatError("file ended early (truncated?)", name)
+            offset += n
+        return
+    except OSError:
+        pass
+    while offset < end:
+        view = memoryview(buffer)[: min(len(buffer), end - offset)]
+        _read_at(src, view, offset, name)
+        _write_at(dst, view, offset)
+        offset += len(view)
+
+
+def _read_at(fd: int, view: memoryview, offset: int, name: str) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise FormatError("file ended early (truncated?)", name)
+        got += n
+
+
+def _write_at(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
+
+
 def _copy_shard(shard: fmt.Container, target: Path, dense: dict, extra: dict) -> int:
     """Copy a shard, replacing `dense` tensors and appending `extra`; returns bytes of tensor data."""
     infos = sorted(shard.tensors.values(), key=lambda t: t.begin)
@@ -202,6 +379,8 @@ def _copy_shard(shard: fmt.Container, target: Path, dense: dict, extra: dict) ->
         if not extra and not any(t.name in dense for t in infos):
             _copy_range(src, dst, 0, shard.file_size)
             return shard.file_size - 8 - shard.header_size
+        from .dtypes import DTYPE_NAMES
+
         replaced = {t.name: dense[t.name] for t in infos if t.name in dense}
         specs = [(t.name, t.dtype, t.shape) for t in infos]
         specs = [
@@ -245,6 +424,10 @@ def _edit_shard(target: Path, names: list[str], edit) -> None:
 
 def _tensor_over(mm: np.memmap, info: fmt.TensorInfo) -> torch.Tensor:
     """A tensor sharing memory with the mapped bytes (a copy if they are not aligned for the dtype)."""
+    import torch
+
+    from .dtypes import TORCH_DTYPES
+
     dtype = TORCH_DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
@@ -287,6 +470,21 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
+def task_config(tasks: list[dict]) -> dict:
+    """The config.json entries that adapters' tasks set, in order (the last that says wins): the
+    class that trained the adapter as ``architectures``, a classifier's labels both ways."""
+    entries = {}
+    for task in tasks:
+        task = task or {}
+        if isinstance(task.get("architecture"), str):
+            entries["architectures"] = [task["architecture"]]
+        labels = task.get("id2label")
+        if isinstance(labels, dict) and labels and all(str(k).isdigit() for k in labels):
+            entries["id2label"] = {str(k): str(v) for k, v in labels.items()}
+            entries["label2id"] = {str(v): int(k) for k, v in labels.items()}
+    return entries
+
+
 def _update_config(path: Path, entries: dict) -> None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -298,6 +496,16 @@ def _update_config(path: Path, entries: dict) -> None:
 
 
 def _progress(total: int, enabled: bool):
+    if not enabled:  # no import of tqdm for a quiet run
+        return _NoProgress()
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, leave=False, desc="writing")
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -280,15 +280,11 @@ def apply(ctx, base, adapters, out, scale, revision, overwrite, allow_nonfinite)
     \b
     Example:  spra-tools apply meta-llama/Llama-3.1-8B task.spra -o merged/
     """
-    from .checkpoint import open_checkpoint
+    from .file_apply import apply_files
     from .fsutil import check_output
-    from .surgery import apply_adapter
 
     check_output(out, overwrite)
-    loaded = [(p, _load(p, allow_nonfinite)) for p in adapters]
-    stats = apply_adapter(
-        open_checkpoint(base, revision), loaded, out, scale, overwrite, _progress(ctx), allow_nonfinite
-    )
+    stats = apply_files(base, list(adapters), out, scale, revision, overwrite, _progress(ctx), allow_nonfinite)
     _say(ctx, f"wrote {out}: {stats['values']:,} values in {stats['tensors']} tensors, {stats['seconds']:.2f} s")
 
 

@@ -8,17 +8,23 @@ sensitive, and a sum, so that any device computes it in parallel. `fingerprint` 
 
 An entry records the fingerprint under its base dtype, and an fp32 base also those of its bf16 and
 fp16 casts (`fingerprints`), so that the adapter still recognises its base in a model loaded in
-lower precision. `mismatches` is the matching rule.
+lower precision. `mismatches` is the matching rule. `fingerprint` needs no torch (a file apply
+does without it); the rest imports it when called.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from . import support as sup
-from .dtypes import TORCH_DTYPES, bit_view, dtype_name, raw_bits
-from .ops import reference
+
+if TYPE_CHECKING:
+    import torch
+
+# What a mismatch of the recorded and the found fingerprints means, wherever it is found.
+MISMATCH = "values at the support differ from the adapter's base (fingerprint mismatch: wrong base?)"
 
 
 def fingerprint(bits: np.ndarray) -> str:
@@ -34,6 +40,8 @@ def fingerprint(bits: np.ndarray) -> str:
 def fingerprint_many(values: torch.Tensor, counts: list[int]) -> list[str]:
     """The fingerprint of each consecutive segment of 1-D float `values` (lengths `counts`), computed
     where the values live."""
+    from .dtypes import raw_bits
+
     if values.device.type != "cpu":
         return fingerprint_many_torch(values, counts)
     bits, out, offset = raw_bits(values), [], 0
@@ -45,6 +53,11 @@ def fingerprint_many(values: torch.Tensor, counts: list[int]) -> list[str]:
 
 def fingerprint_many_torch(values: torch.Tensor, counts: list[int]) -> list[str]:
     """`fingerprint_many` in torch int64 arithmetic (it wraps like uint64), on any device."""
+    import torch
+
+    from .dtypes import bit_view
+    from .ops import reference
+
     device, n = values.device, len(counts)
     width = values.element_size() * 8
     bits = bit_view(values.contiguous()).to(torch.int64) & ((1 << width) - 1)  # zero-extended
@@ -59,6 +72,10 @@ def fingerprint_many_torch(values: torch.Tensor, counts: list[int]) -> list[str]
 def fingerprints(base_values: torch.Tensor) -> dict[str, str]:
     """What an entry records of its base values (1-D, in support order): their fingerprint under their
     dtype name, and for fp32 also those of their bf16 and fp16 casts."""
+    import torch
+
+    from .dtypes import dtype_name, raw_bits
+
     casts = [base_values]
     if base_values.dtype == torch.float32:
         casts += [base_values.to(torch.bfloat16), base_values.to(torch.float16)]
@@ -73,6 +90,8 @@ def mismatches(values: torch.Tensor, counts: list[int], recorded: list[dict[str,
     another precision than the recorded base) cast, round to nearest even, to the entry's first
     recorded dtype. Normally every entry of a call compares in one dtype: one pass.
     """
+    from .dtypes import TORCH_DTYPES, dtype_name
+
     own = dtype_name(values.dtype)
     keys = [own if own in fp else next(iter(fp)) for fp in recorded]
     differ = [False] * len(recorded)

@@ -177,13 +177,11 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
     names = NameMap(model, [*adapter.deltas, *adapter.dense])
     groups: dict[tuple, _Group] = {}
     seen: set[int] = set()
-    layers, unmerged = quantized.quantized_layers(model), {}
+    layers = quantized.quantized_layers(model)
     for name, delta in adapter.deltas.items():
-        model_name = names.model_name(name) or name
-        if model_name in layers:  # a sparse term beside the quantized weight, not in it
-            unmerged[name] = layers[model_name]
+        if name in layers:  # a sparse term beside the quantized weight, not in it
             continue
-        param = params.get(model_name)
+        param = params.get(names.model_name(name) or name)
         if param is None:
             raise MismatchError(f"tensor {name!r}: not a parameter of this model; is this the adapter's base?", where)
         if id(param) in seen:  # a tied weight already adapted under its other name
@@ -213,8 +211,10 @@ def prepare(model: torch.nn.Module, adapter: Adapter, scale: float, where) -> Ha
         if not seeded:
             g.indices = _offsets(g.supports, device)
         _verify(model, adapter, g, where)
-    terms = quantized.prepare_unmerged(model, adapter, unmerged, scale, where)
-    return Handle(model, adapter, scale, list(groups.values()), dense, unmerged=terms)
+    unmerged = quantized.prepare_unmerged(
+        model, adapter, [n for n in adapter.deltas if n in layers], scale, layers, where
+    )
+    return Handle(model, adapter, scale, list(groups.values()), dense, unmerged=unmerged)
 
 
 def _verify(model: torch.nn.Module, adapter: Adapter, g: _Group, where) -> None:

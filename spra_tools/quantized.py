@@ -283,36 +283,38 @@ class UnmergedDelta:
     full-precision checkpoint (module docstring): dtype and fingerprints of the checkpoint's values."""
 
     layer: UnmergedLayer
-    key: str  # the weight's name in the checkpoint
     support: Support
+    checkpoint: Checkpoint
     dtype: torch.dtype
     fingerprint: dict[str, str]
 
     @classmethod
-    def of(cls, name: str, key: str, module: nn.Module, support: Support, ckpt: Checkpoint) -> UnmergedDelta:
-        """Layer `name` of a model at `support`; its weight is tensor `key` of the checkpoint `ckpt`."""
+    def of(cls, name: str, module: nn.Module, support: Support, base, model: nn.Module) -> UnmergedDelta:
+        """The layer whose weight is checkpoint tensor `name`, at `support`; its base read from `base`
+        (a Checkpoint, a path, or None: where the model was loaded from)."""
+        ckpt = open_base(model, base)
         indices = ops.support_indices(support, module.weight.device)
-        values = base_values(ckpt, key, module, indices)
-        check_quantized_from(module, key, values, indices)
-        return cls(UnmergedLayer.of(name, module, indices), key, support, values.dtype, fingerprints(values))
+        values = base_values(ckpt, name, module, indices)
+        check_quantized_from(module, name, values, indices)
+        return cls(UnmergedLayer.of(name, module, indices), support, ckpt, values.dtype, fingerprints(values))
 
     def delta(self, values: torch.Tensor) -> TensorDelta:
         """The adapter entry of this layer with `values` (in support order)."""
         shape = logical_shape(self.layer.module)
-        return TensorDelta(self.key, shape, self.dtype, self.support, values, self.fingerprint)
+        return TensorDelta(self.layer.name, shape, self.dtype, self.support, values, self.fingerprint)
 
 
-def prepare_unmerged(model: nn.Module, adapter, layers: dict[str, nn.Module], scale: float,
+def prepare_unmerged(model: nn.Module, adapter, names: list[str], scale: float, layers: dict[str, nn.Module],
                      where=None) -> list[tuple[UnmergedLayer, torch.Tensor]]:  # fmt: skip
-    """The sparse terms of `adapter` on the quantized `layers` of `model` (adapter tensor name ->
-    layer), each with its values (times `scale`) on its layer's device, verified first against the
-    model's full-precision checkpoint (MismatchError naming `where` for a wrong base; module docstring)."""
-    if not layers:
+    """The sparse terms of `adapter`'s tensors `names` (weights of the quantized `layers` of `model`),
+    each with its values (times `scale`) on its layer's device, verified first against the model's
+    full-precision checkpoint (MismatchError naming `where` for a wrong base; module docstring)."""
+    if not names:
         return []
     ckpt = open_base(model, None)
     terms = []
-    for name, module in layers.items():
-        delta = adapter.deltas[name]
+    for name in names:
+        delta, module = adapter.deltas[name], layers[name]
         if delta.shape != logical_shape(module):
             raise MismatchError(
                 f"tensor {name!r}: shape {list(logical_shape(module))} in the model, {list(delta.shape)} in the adapter",

@@ -10,7 +10,7 @@ import torch
 
 from . import ops
 from .adapter import Adapter, TensorDelta
-from .checkpoint import Checkpoint, write_checkpoint
+from .checkpoint import Checkpoint, task_config, write_checkpoint
 from .dtypes import TORCH_DTYPES, dtype_name
 from .errors import MismatchError, SpraError
 from .fingerprint import fingerprints
@@ -70,17 +70,8 @@ def verify_adapter(ckpt: Checkpoint, adapter: Adapter, progress: bool = False) -
 
 def _structure_problems(ckpt: Checkpoint, adapter: Adapter) -> dict[str, str]:
     """Tensor name -> what is wrong, for names, shapes and dtypes (no tensor data is read)."""
-    problems = {}
-    for name, d in adapter.deltas.items():
-        if name not in ckpt:
-            problems[name] = "not in the base"
-            continue
-        info = ckpt.info(name)
-        if info.shape != d.shape:
-            problems[name] = f"shape {list(info.shape)} in the base, {list(d.shape)} in the adapter"
-        elif info.dtype != dtype_name(d.dtype):
-            problems[name] = f"dtype {info.dtype} in the base, {dtype_name(d.dtype)} in the adapter"
-    return problems
+    problems = {n: ckpt.mismatch(n, d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}
+    return {n: why for n, why in problems.items() if why}
 
 
 def apply_adapter(
@@ -102,11 +93,7 @@ def apply_adapter(
     Returns timing and size statistics.
     """
     for path, adapter in adapters:
-        problems = _structure_problems(ckpt, adapter)
-        if problems:
-            name, why = next(iter(problems.items()))
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise MismatchError(f"tensor {name!r}: {why}{more}; is this the adapter's base?", path)
+        ckpt.check_fits({n: (d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}, path)
         if not allow_nonfinite:
             adapter.check_finite(path)
     edited = {n for _, a in adapters for n in a.deltas}
@@ -132,7 +119,7 @@ def apply_adapter(
                 )
 
     t0 = time.perf_counter()
-    config = _config_entries(adapters)
+    config = task_config([a.task for _, a in adapters])
     write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress, config=config)
     seconds = time.perf_counter() - t0
     return {
@@ -141,17 +128,3 @@ def apply_adapter(
         "values": sum(a.num_values for _, a in adapters),
         "out": str(Path(out)),
     }
-
-
-def _config_entries(adapters: list[tuple[str, Adapter]]) -> dict:
-    """The config.json entries the adapters' tasks set (the last adapter that says wins)."""
-    entries = {}
-    for _, adapter in adapters:
-        task = adapter.task or {}
-        if isinstance(task.get("architecture"), str):
-            entries["architectures"] = [task["architecture"]]
-        labels = task.get("id2label")
-        if isinstance(labels, dict) and labels and all(str(k).isdigit() for k in labels):
-            entries["id2label"] = {str(k): str(v) for k, v in labels.items()}
-            entries["label2id"] = {str(v): int(k) for k, v in labels.items()}
-    return entries

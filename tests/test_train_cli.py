@@ -49,6 +49,7 @@ GIVEN = {
     "dtype": (["--dtype", "fp32"], "fp32"),
     "quantize": (["--quantize", "nf4"], "nf4"),
     "gradient_checkpointing": (["--gradient-checkpointing"], True),
+    "fsdp": (["--fsdp"], True),
     "log_dir": (["--log-dir", "logs"], "logs"),
     "values_dtype": (["--values-dtype", "fp32"], "fp32"),
     "overwrite": (["--overwrite"], True),

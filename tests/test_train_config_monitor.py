@@ -84,6 +84,7 @@ BAD = [
     ({"checkpoint_every": 10}, "--checkpoint-every needs --checkpoint-dir"),
     ({"checkpoint_every": 0, "checkpoint_dir": "ck"}, "--checkpoint-every must be >= 1"),
     ({"resume": True}, "--resume needs --checkpoint-dir"),
+    ({"fsdp": True, "quantize": "nf4"}, "--fsdp and --quantize cannot be combined"),
     ({"targets": ()}, "--targets must name at least one preset or regex"),
     ({"targets": ["vo", 3]}, "--targets must be a list of non-empty strings"),
     ({"targets": ["(unclosed"]}, "--targets '(unclosed' is neither a preset"),

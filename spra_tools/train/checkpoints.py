@@ -84,19 +84,22 @@ def held(directory: str | Path):
 
 def save(directory: str | Path, settings: dict, state: RunState, sm, optimizer) -> None:
     """A new checkpoint of `sm`'s deltas, `optimizer`'s moments and `state` beside the others; then
-    `last` points at it (one atomic rename) and the older ones are removed."""
+    `last` points at it (one atomic rename) and the older ones are removed. Under torch.distributed
+    every rank calls it (a sharded model gathers each tensor whole) and rank 0 writes."""
     from safetensors.torch import save_file
 
     tensors, steps = {}, {}
     for name, delta, *_ in sm.sites():
         moments = optimizer.state.get(delta, {})
         steps[name] = moments.get("step", 0)
-        tensors[f"delta/{name}"] = delta.detach().cpu().contiguous()
+        tensors[f"delta/{name}"] = sm.whole(name, delta.detach()).cpu().contiguous()
         if moments:
-            tensors[f"exp_avg/{name}"] = moments["exp_avg"].cpu().contiguous()
-            tensors[f"exp_avg_sq/{name}"] = moments["exp_avg_sq"].cpu().contiguous()
+            tensors[f"exp_avg/{name}"] = sm.whole(name, moments["exp_avg"]).cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = sm.whole(name, moments["exp_avg_sq"]).cpu().contiguous()
         if state.best_values is not None:
-            tensors[f"best/{name}"] = state.best_values[name].cpu().contiguous()
+            tensors[f"best/{name}"] = sm.whole(name, state.best_values[name]).cpu().contiguous()
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     document = {
         "config": settings,
         "bookkeeping": state.bookkeeping(),
@@ -186,17 +189,17 @@ def _restore(document: dict, tensors: dict, sm, optimizer, batches, device) -> R
     best = None
     with torch.no_grad():
         for name, delta, *_ in sm.sites():
-            delta.copy_(tensors[f"delta/{name}"])
+            delta.copy_(sm.part(name, tensors[f"delta/{name}"]))
             step = document["optimizer_steps"].get(name, 0)
             if step:
                 optimizer.state[delta] = {
                     "step": step,
-                    "exp_avg": tensors[f"exp_avg/{name}"].to(device),
-                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(device),
+                    "exp_avg": sm.part(name, tensors[f"exp_avg/{name}"]).to(device, copy=True),
+                    "exp_avg_sq": sm.part(name, tensors[f"exp_avg_sq/{name}"]).to(device, copy=True),
                 }
             if f"best/{name}" in tensors:
                 best = best or {}
-                best[name] = tensors[f"best/{name}"].to(device)
+                best[name] = sm.part(name, tensors[f"best/{name}"]).to(device, copy=True)
     sm.sync()
     batches.load_state_dict(document["batches"])
     kept = dict(document["bookkeeping"])

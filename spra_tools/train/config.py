@@ -24,7 +24,7 @@ from ..targets import PRESETS
 
 VERSION = 1
 # Settings that may differ between a run and its resumption (they change nothing it computes).
-_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite")
+_RESUMABLE = ("output", "resume", "log_dir", "checkpoint_dir", "checkpoint_every", "overwrite", "fsdp")
 
 
 Task = Literal["causal-lm", "seq-cls"]
@@ -93,6 +93,12 @@ class TrainConfig:
         "the adapter applies to the full-precision base as usual.",
     )  # fmt: skip
     gradient_checkpointing: bool = _setting(False, "Recompute activations in backward (less memory).")
+    # How the run is spread, not what it computes: resumable either way (`_RESUMABLE`).
+    fsdp: bool = _setting(
+        False,
+        "Shard the base over the torchrun processes with FSDP2 (bases larger than one GPU); "
+        "without it each process holds the whole base (DDP).",
+    )
     log_dir: str | None = _setting(None, "metrics.jsonl, TensorBoard events and curves.png go here.", metavar="DIR")
     values_dtype: ValuesDtype = _setting("bf16", "Of the delta values stored in the adapter.")
     overwrite: bool = _setting(False, "Replace OUTPUT if it exists.")
@@ -134,6 +140,8 @@ class TrainConfig:
                 "--checkpoint-every needs --checkpoint-dir",
             ),
             (not self.resume or self.checkpoint_dir is not None, "--resume needs --checkpoint-dir"),
+            # FSDP2 shards the weights it all-gathers; a quantized layer keeps packed bytes it cannot shard.
+            (not (self.fsdp and self.quantize), "--fsdp and --quantize cannot be combined"),
         ]
         for ok, message in checks:
             if not ok:

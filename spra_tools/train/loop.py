@@ -10,7 +10,7 @@ cosine / linear / constant schedule, gradient accumulation, evaluation (the base
 `_preflight` checks every path before anything loads, `_setup` builds what the steps use (`_Run`),
 `_step` does one optimizer step and advances the `RunState`, which is what a checkpoint stores.
 Under torchrun every rank trains on its slice of each global batch; DDP all-reduces the delta
-gradients; rank 0 writes. Ctrl-C finishes the current step, writes a checkpoint and stops.
+gradients, or with --fsdp the base is sharded by FSDP2 (`distributed`); rank 0 writes. Ctrl-C finishes the current step, writes a checkpoint and stops.
 """
 
 from __future__ import annotations
@@ -59,20 +59,24 @@ def train(config: TrainConfig, echo=click.echo, progress: bool = True, on_step=N
         with held:
             return _train(config, dist, echo if dist.main else (lambda *_: None), progress, on_step)
     finally:
-        if dist.world > 1 and torch.distributed.is_initialized():
+        if (dist.world > 1 or config.fsdp) and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def _init_distributed(config: TrainConfig) -> _Dist:
     """torchrun's rank and world (one process: a trivial _Dist); NCCL when the run is on GPUs, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not config.fsdp:
         return _Dist()
-    d = _Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    d = _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     on_gpu = _device(config, d).type == "cuda"
     if on_gpu:
         torch.cuda.set_device(d.local_rank)
-    torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+    if "MASTER_ADDR" in os.environ:
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+    else:  # --fsdp in one process without torchrun: a group of one
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=0, world_size=1)
     # Rank 0 builds a missing compiled extension first; the others then load it from the cache.
     from .. import ops
 
@@ -211,8 +215,10 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     base_dir = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     tokenizer = _load_tokenizer(base_dir)
     train_data, eval_data = _load_data(config, tokenizer, echo)  # before the model: a bad file fails in seconds
-    model = _load_model(config, base_dir, device, train_data.id2label, tokenizer.pad_token_id)
-    sm = _sparse_model(config, model, checkpoint)
+    # Under FSDP2 the model loads on the host and moves to the device one sharded layer at a time.
+    on = torch.device("cpu") if config.fsdp else device
+    model = _load_model(config, base_dir, on, train_data.id2label, tokenizer.pad_token_id)
+    sm = _sparse_model(config, model, checkpoint, device)
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
     pad_to = _pad_to(config.max_length)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
@@ -220,7 +226,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
                       pad_to=pad_to)  # fmt: skip
     total = config.total_steps(batches.steps_per_epoch)
     forward = sm
-    if dist.world > 1:
+    if dist.world > 1 and not config.fsdp:
         forward = torch.nn.parallel.DistributedDataParallel(
             sm, device_ids=[device.index] if device.index is not None else None
         )
@@ -287,12 +293,18 @@ def _data_record(data: TokenizedData) -> dict:
             "dropped": data.dropped}  # fmt: skip
 
 
-def _sparse_model(config: TrainConfig, model, checkpoint) -> SparseModel:
+def _sparse_model(config: TrainConfig, model, checkpoint, device: torch.device) -> SparseModel:
     """`model` made trainable at its seeded support (a classification head densely), in train mode,
-    its adapter keyed by and fingerprinted against `checkpoint`."""
+    its adapter keyed by and fingerprinted against `checkpoint` (the full-precision base of a
+    quantized model); with --fsdp sharded first."""
     dense = _head_patterns(model, checkpoint) if config.task == "seq-cls" else ()
-    sm = SparseModel(model, config.density, config.seed, config.targets, config.exclude, dense=dense,
-                     base=checkpoint)  # fmt: skip
+    kind = SparseModel
+    if config.fsdp:
+        from .distributed import ShardedSparseModel, shard_model
+
+        model, kind = shard_model(model, device), ShardedSparseModel
+    sm = kind(model, config.density, config.seed, config.targets, config.exclude, dense=dense,
+              base=checkpoint)  # fmt: skip
     if config.gradient_checkpointing:  # non-reentrant: the deltas are not inputs of the checkpointed blocks
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -402,7 +414,7 @@ def _at_boundary(run: _Run, state: RunState) -> bool:
 
 
 def _checkpoint(run: _Run, state: RunState) -> None:
-    if run.dist.main:
+    if run.dist.main or run.config.fsdp:  # a sharded model's tensors are gathered by every rank
         checkpoints.save(run.config.checkpoint_dir, run.config.run_settings(), state, run.sm, run.optimizer)
 
 
@@ -477,8 +489,10 @@ def _save_adapter(run: _Run, state: RunState) -> None:
     }
     if run.eval_data is not None:
         provenance["eval_data"] = _data_record(run.eval_data)
-    if run.dist.main:
-        sm.save(config.output, values_dtype, overwrite=config.overwrite, provenance=provenance, task=task)
+    if run.dist.main or config.fsdp:  # a sharded model's adapter is gathered by every rank
+        adapter = sm.adapter(values_dtype, provenance, task)
+        if run.dist.main:
+            adapter.save(config.output, config.overwrite)
     if run.dist.world > 1:
         torch.distributed.barrier()
 

@@ -106,8 +106,8 @@ class SparseModel(nn.Module):
     model's ``config.name_or_path`` when that is a local checkpoint). The adapter is keyed by its
     tensor names (`spra_tools.names`: ``base_model_prefix``, renames on load, tied weights) and
     records its dtypes and fingerprints, so it applies to that checkpoint whatever class and
-    dtype trained it. Without a checkpoint the model's own names and weights stand in. A model with
-    quantized layers needs its full-precision checkpoint (`base`, or where the model was loaded from).
+    dtype trained it. Without a checkpoint the model's own names and weights stand in; a model with
+    quantized layers needs one (their fingerprints come from its full-precision values).
     """
 
     def __init__(self, model: nn.Module, density: float | None = None, seed: int | None = None,
@@ -118,13 +118,11 @@ class SparseModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         params = dict(model.named_parameters())
-        qlayers = quantized.quantized_layers(model)
-        shapes = {n: quantized.logical_shape(qlayers[n]) if n in qlayers else tuple(p.shape) for n, p in params.items()}
-        self.base = (
-            _checkpoint_of(model) if base is None else base if isinstance(base, Checkpoint) else open_checkpoint(base)
-        )
+        self.base = _checkpoint_of(model) if base is None else base if isinstance(base, Checkpoint) else _open(base)
         self.names = NameMap(model, None if self.base is None else self.base.names())
         ckpt_name = {n: self.names.checkpoint_name(n) for n in params}
+        qlayers = quantized.quantized_layers(model)
+        shapes = {n: quantized.logical_shape(qlayers[n]) if n in qlayers else tuple(p.shape) for n, p in params.items()}
         self._dense = set()
         if dense:
             by_model = set(select(((n, "F32", shapes[n]) for n in params), list(dense)))
@@ -158,21 +156,17 @@ class SparseModel(nn.Module):
         self._patched: list[nn.Module] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
         self._unmerged: dict[str, quantized.UnmergedDelta] = {}
-        if any(n in qlayers for n in supports):  # fingerprinted against the full-precision checkpoint
-            self.base = quantized.open_base(model, self.base)
+        self._shapes: dict[str, tuple[int, ...]] = {}  # name -> the whole weight's shape
         for name, support in supports.items():
             if name in qlayers:
                 if name in self._dense:
                     raise SpraError(f"tensor {name!r}: a quantized layer cannot train densely")
-                module, key = qlayers[name], name.replace(".", "/")
-                site = quantized.UnmergedDelta.of(name, ckpt_name[name], module, support, self.base)
-                init = (
-                    adapter.deltas[ckpt_name[name]].values.float()
-                    if adapter is not None
-                    else torch.zeros(support.count)
-                )
-                self.deltas[key] = nn.Parameter(init.to(module.weight.device))
-                self._unmerged[name] = site
+                key = ckpt_name[name]
+                init = adapter.deltas[key].values.float() if adapter is not None else torch.zeros(support.count)
+                self._unmerged[name] = site = quantized.UnmergedDelta.of(key, qlayers[name], support, self.base, model)
+                self.base = site.checkpoint  # opened once for all layers
+                key = name.replace(".", "/")
+                self.deltas[key] = nn.Parameter(init.to(qlayers[name].weight.device))
                 site.layer.patch(lambda key=key: self.deltas[key])
                 continue
             weight = params.get(name)
@@ -180,15 +174,17 @@ class SparseModel(nn.Module):
             if weight is None or not (holders.get(id(weight)) or whole):
                 raise SpraError(f"tensor {name!r}: not the weight of a Linear, Conv1D or Embedding layer of this model")
             idx = ops.support_indices(support, weight.device)
-            original = ops.gather(weight.data, idx).clone()
+            target, target_idx, part = self._local(name, weight, idx)
+            original = ops.gather(target.data, target_idx).clone()
             init = (
                 adapter.deltas[ckpt_name[name]].values.float()
                 if name not in self._dense and adapter is not None
-                else None
+                else torch.zeros(support.count)
             )
             key = name.replace(".", "/")
-            self.deltas[key] = nn.Parameter((torch.zeros(support.count) if init is None else init).to(weight.device))
-            self._sites[name] = (weight, idx, original)
+            self.deltas[key] = nn.Parameter(init[part].to(weight.device))
+            self._sites[name] = (target, target_idx, original)
+            self._shapes[name] = tuple(weight.shape)
             if whole:  # a bias or norm weight of the head: its module reads it through `_Whole`
                 self._parametrize(model, name, key)
             for module in holders.get(id(weight), ()):  # tied weights: every user contributes to one delta
@@ -219,16 +215,44 @@ class SparseModel(nn.Module):
                 raise SpraError(f"embedding {type(module).__name__}: max_norm / scale_grad_by_freq are not supported")
 
             def forward(ids, module=module):
-                return _SupportEmbedding.apply(ids, module.weight, self.deltas[key], idx, module.padding_idx)
+                return _SupportEmbedding.apply(ids, module.weight, self._grad_input(key), idx, module.padding_idx)
 
         else:
             transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out], y = x W + b
 
             def forward(x, module=module):
-                return _SupportLinear.apply(x, module.weight, module.bias, self.deltas[key], idx, transposed)
+                return _SupportLinear.apply(x, module.weight, module.bias, self._grad_input(key), idx, transposed)
 
         module.forward = forward
         self._patched.append(module)
+
+    # Where this process's part of an adapted weight lives: the hooks `distributed.ShardedSparseModel`
+    # overrides to keep only a rank's shard of each weight and its segment of the support.
+    def _local(self, name: str, weight: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(the tensor the optimizer writes, the support's flat indices into it, the slice of the
+        support's values they are): in one process the whole weight and the whole support."""
+        return weight, idx, slice(None)
+
+    def _grad_input(self, key: str) -> torch.Tensor:
+        """The tensor an adapted layer's support gradient (whole support, [count] fp32) is returned for."""
+        return self.deltas[key]
+
+    def whole(self, name: str, part: torch.Tensor) -> torch.Tensor:
+        """A per-support-element tensor of `name` (delta, moment, original) over its whole support,
+        from this process's part: itself here (under FSDP2 a collective every rank calls)."""
+        return part
+
+    def part(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """The inverse of `whole`: this process's part of a whole per-support-element tensor."""
+        return whole
+
+    def _architecture(self) -> str:
+        """The model's class name, as transformers knows it."""
+        return type(self.model).__name__
+
+    def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The gradient norm over every process's deltas, from this process's (`norm`)."""
+        return norm
 
     def parameters(self, recurse: bool = True):  # only the master deltas train
         return self.deltas.parameters()
@@ -292,35 +316,36 @@ class SparseModel(nn.Module):
         config as the architecture)."""
         deltas, dense = {}, {}
         converted = False
-        for name, delta, weight, idx, original in self.sites():
+        for name, delta, weight, _, original in self.sites():
             key = self.names.checkpoint_name(name)
             if name in self._unmerged:
                 deltas[key] = self._unmerged[name].delta(delta.detach().to(values_dtype).cpu())
                 continue
-            if name in self._dense:
-                value = weight.detach().clone().cpu()
+            shape = self._shapes[name]
+            if name in self._dense:  # its support is every element, so `whole` gathers the weight
+                value = self.whole(name, weight.detach().reshape(-1)).reshape(shape).clone().cpu()
                 if self.base is not None and key in self.base:  # stored in the checkpoint's dtype
                     value = value.to(TORCH_DTYPES[self.base.info(key).dtype])
                 dense[key] = value
                 continue
-            dtype, base_values = weight.dtype, original.cpu()
+            dtype, base_values = weight.dtype, self.whole(name, original).cpu()
             if self.base is not None and key in self.base and self.base.info(key).dtype != dtype_name(dtype):
                 stored = self.base.view(key)
-                dtype, base_values, converted = stored.dtype, ops.gather(stored, idx.cpu()), True
-            values = delta.detach().to(values_dtype).cpu()
-            deltas[key] = TensorDelta(
-                key, tuple(weight.shape), dtype, self._supports[name], values, fingerprints(base_values)
-            )
+                indices = ops.support_indices(self._supports[name])  # the whole support, on the host
+                dtype, base_values, converted = stored.dtype, ops.gather(stored, indices), True
+            values = self.whole(name, delta.detach()).to(values_dtype).cpu()
+            deltas[key] = TensorDelta(key, shape, dtype, self._supports[name], values, fingerprints(base_values))
         if self.base is not None:
             base = self.base.identity()
         else:
             base = {"name": getattr(getattr(self.model, "config", None), "name_or_path", None) or None}
         provenance = {"method": "train", **(provenance or {})}
-        if self._unmerged:  # how the base was quantized; the adapter describes its full-precision checkpoint
+        task = {**({"architecture": self._architecture()} if task else {}), **(task or {})}
+        if self._unmerged:  # how the base was quantized; the checkpoint is recorded as for any base
             provenance["quantization"] = quantized.quantization_record(self.model)
-        task = {**({"architecture": type(self.model).__name__} if task else {}), **(task or {})}
-        # Trained in another dtype than the checkpoint's, the weights `apply` writes differ by rounding.
-        exact = values_dtype == torch.float32 and not converted
+        # Trained in another dtype than the checkpoint's, or on a quantized copy of it, the weights
+        # `apply` writes differ from the trained model's.
+        exact = values_dtype == torch.float32 and not converted and not self._unmerged
         return Adapter(deltas, dense, base, task, provenance, exact)
 
     def save(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
@@ -353,9 +378,16 @@ class _Whole(nn.Module):
         return _DenseGrad.apply(weight, self._delta())
 
 
+def _open(base: str | os.PathLike) -> Checkpoint:
+    try:
+        return open_checkpoint(base)
+    except SpraError as e:
+        raise SpraError(f"the base checkpoint given to SparseModel: {e}") from None
+
+
 def _checkpoint_of(model: nn.Module) -> Checkpoint | None:
     """The local checkpoint `model` was loaded from (transformers records its path), if any."""
-    path = getattr(getattr(model, "config", None), "name_or_path", None)
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
     if not path or not Path(path).exists():
         return None
     try:
@@ -388,6 +420,7 @@ class SparseAdamW(torch.optim.Optimizer):
         sites = list(model.sites())
         super().__init__([s[1] for s in sites], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._sites = {id(s[1]): s for s in sites}
+        self._global_norm = model._global_norm
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
 
@@ -400,7 +433,7 @@ class SparseAdamW(torch.optim.Optimizer):
         live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         scale = None
         if live:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in live])))
+            norm = self._global_norm(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in live]))))
             self.last_grad_norm = norm
             if self.max_grad_norm is not None:
                 scale = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0).to(torch.float32).reshape(1)
