@@ -366,7 +366,11 @@ def quality_table(meta: dict, shape: Shape, q: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=list(SHAPES), help="8b (default with CUDA; 1b for --quality), else tiny")
+    ap.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        help="8b (default with CUDA), else tiny; --quality takes --quality-shape (or tiny)",
+    )
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="default: all rows")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row first")
