@@ -7,7 +7,8 @@ step + zero_grad (the floor: forward + input-grad backward on the frozen NF4 bas
 the median step time over --steps timed steps after --warmup and the peak allocated memory from the
 row's start; the SpaRTA budgets are LoRA r16's parameter counts on the same layers (V,O and all
 linears), so each spra row trains as many values as its QLoRA neighbour, and its ratios are to that
-neighbour. Targets: peak ≤ QLoRA's and step time ≤ 1.0× QLoRA's. Gradient checkpointing (off by
+neighbour. The sparse term's products run by the sparse kernel, and in one more row as dense GEMMs
+over a transient dense Δ (SPRA_TOOLS_UNMERGED_PRODUCT=dense), to show which is faster where. Targets: peak ≤ QLoRA's and step time ≤ 1.0× QLoRA's. Gradient checkpointing (off by
 default: the 8B shape fits an H200 without it) applies to every row when asked for.
 
 Quality (--quality): a small random Llama saved as a bf16 checkpoint, loaded NF4 through
@@ -28,6 +29,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -43,6 +45,7 @@ ROWS = {  # key: (table label, modules, the QLoRA row it is compared with)
     "spra-vo": ("spra V,O on NF4", VO, "qlora-vo"),
     "qlora-vo": ("PEFT QLoRA r16 V,O", VO, None),
     "spra-all": ("spra all linears on NF4", ALL_LINEAR, "qlora-all"),
+    "spra-all-dense": ("spra all linears on NF4, dense Δ products", ALL_LINEAR, "qlora-all"),
     "qlora-all": ("PEFT QLoRA r16 all linears", ALL_LINEAR, None),
 }
 TARGETS = {"ms": 1.0, "peak": 1.0}  # spra row / its QLoRA row, at most
@@ -108,13 +111,18 @@ def spra_model(model, shape: Shape, modules, base=None):
     return SparseModel(model, density=lora / weights, seed=0, targets=[target], base=base), lora / weights
 
 
-def row_spra(modules):
+def row_spra(modules, product="sparse"):
     def build(model, shape, checkpointing):
+        from spra_tools import quantized
         from spra_tools.train import SparseAdamW
 
         # A random-init model has no checkpoint files: fingerprint against a stand-in checkpoint of
         # the same names and shapes (only the adapter's metadata depends on it, not the step).
-        sm, density = spra_model(model, shape, modules, base=standin_checkpoint(model))
+        os.environ[quantized.PRODUCT_VARIABLE] = product  # read when the layers are patched
+        try:
+            sm, density = spra_model(model, shape, modules, base=standin_checkpoint(model))
+        finally:
+            del os.environ[quantized.PRODUCT_VARIABLE]
         _checkpointing(model, checkpointing)
         model.train()
         opt = SparseAdamW(sm, lr=1e-4)
@@ -170,6 +178,7 @@ BUILDERS = {
     "spra-vo": row_spra(VO),
     "qlora-vo": row_qlora(VO),
     "spra-all": row_spra(ALL_LINEAR),
+    "spra-all-dense": row_spra(ALL_LINEAR, "dense"),
     "qlora-all": row_qlora(ALL_LINEAR),
 }
 
@@ -357,7 +366,11 @@ def quality_table(meta: dict, shape: Shape, q: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=list(SHAPES), help="8b (default with CUDA; 1b for --quality), else tiny")
+    ap.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        help="8b (default with CUDA), else tiny; --quality takes --quality-shape (or tiny)",
+    )
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="default: all rows")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row first")

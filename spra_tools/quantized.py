@@ -4,20 +4,24 @@ A quantized weight cannot take a small delta in place, so an adapted quantized l
 forward and adds the unmerged sparse term, ``y = base(x) + x · Δᵀ`` (ops.sparse_linear_add, the
 primitive MultiAdapter serves with). Backward returns the input gradient through both terms (the
 layer's own backward, plus ``g · Δ`` by the transposed product) and Δ's gradient only at the
-support (ops.support_grad: sampled or dense-then-gathered, as for in-place layers).
+support (ops.support_grad: sampled or dense-then-gathered, as for in-place layers). The two
+products of the sparse term run by the sparse kernel (work ∝ support × tokens) or, with
+``SPRA_TOOLS_UNMERGED_PRODUCT=dense`` (for benchmarks and tests), as a dense GEMM over Δ scattered
+into a transient [out, in] matrix in the activations' dtype.
 
 Base identity. An adapter made on, or attached to, a quantized model describes the full-precision
 checkpoint the model was quantized from: names, shapes and dtypes of its unquantized tensors, and
 fingerprints of the checkpoint's own values at the support, read from its files (quantized values
 identify nothing: they change with the quantization settings). So `verify` / `apply` against that
 checkpoint work as for any adapter, and on a quantized model the checkpoint is found from where the
-model was loaded (``model.name_or_path``, or `base` given explicitly). The quantized weights must
+model was loaded (``model.config.name_or_path``, or `base` given explicitly). The quantized weights must
 also agree with the checkpoint at the support within quantization error (`MAX_RELATIVE_ERROR`): a
 model quantized from another base is refused even when the checkpoint named is the right one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -34,6 +38,9 @@ from .errors import MismatchError, SpraError
 from .fingerprint import fingerprints, mismatches
 from .ops.sparse import SparseLayout
 from .support import Support
+
+PRODUCTS = ("sparse", "dense")
+PRODUCT_VARIABLE = "SPRA_TOOLS_UNMERGED_PRODUCT"
 
 # NF4 / FP4 of Gaussian weights err by ~10 % / ~15 % (relative L2), int8 by ~1 %; a quantization of
 # unrelated weights by ~140 %.
@@ -52,7 +59,10 @@ class QuantizedKind:
 def _bnb_4bit(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as F
 
-    return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    data, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # repacked for the CPU kernel by an inference call
+        data, state = F._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))  # it edits the state
+    return F.dequantize_4bit(data, state)
 
 
 def _bnb_8bit(module: nn.Module) -> torch.Tensor:
@@ -133,7 +143,7 @@ def open_base(model: nn.Module, base: str | os.PathLike | Checkpoint | None) -> 
     """The full-precision checkpoint of a quantized model: `base`, or where the model was loaded from."""
     if isinstance(base, Checkpoint):
         return base
-    spec = base if base is not None else getattr(model, "name_or_path", None)
+    spec = base if base is not None else getattr(getattr(model, "config", None), "name_or_path", None)
     if not spec:
         raise SpraError(
             "a quantized model's adapter is fingerprinted against its full-precision checkpoint, and this model "
@@ -175,17 +185,34 @@ def check_quantized_from(module: nn.Module, name: str, values: torch.Tensor, ind
         )
 
 
+def product_setting() -> str:
+    """How the sparse term's products run: SPRA_TOOLS_UNMERGED_PRODUCT, "sparse" when unset."""
+    value = os.environ.get(PRODUCT_VARIABLE, "sparse").strip().lower() or "sparse"
+    if value not in PRODUCTS:
+        raise SpraError(f"{PRODUCT_VARIABLE}={value!r} is not one of {', '.join(PRODUCTS)}")
+    return value
+
+
+def _dense(values: torch.Tensor, indices: torch.Tensor, layout: SparseLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Δ as a dense [P, Q] matrix in `dtype`."""
+    dense = torch.zeros(layout.rows * layout.cols, dtype=dtype, device=values.device)
+    return dense.index_copy_(0, indices, values.to(dtype)).view(layout.rows, layout.cols)
+
+
 class _SparseTerm(torch.autograd.Function):
     """In place on the base layer's output y [T, P]: ``y += x · Δᵀ`` (x [T, Q]; Δ [P, Q] sparse, its
     values in support order). Backward: g passes on to y's producer; x gets ``g · Δ``; Δ gets the
     support gradient (fp32)."""
 
     @staticmethod
-    def forward(ctx, y, x, values, layout, indices):
-        ops.sparse_linear_add(y, x, layout, values)
+    def forward(ctx, y, x, values, layout, indices, product):
+        if product == "dense":
+            y.addmm_(x, _dense(values, indices, layout, y.dtype).t())
+        else:
+            ops.sparse_linear_add(y, x, layout, values)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, values, indices)
-        ctx.layout = layout
+        ctx.layout, ctx.product = layout, product
         return y
 
     @staticmethod
@@ -193,11 +220,14 @@ class _SparseTerm(torch.autograd.Function):
         x, values, indices = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
-            grad_x = torch.zeros(x.shape, dtype=g.dtype, device=g.device)
-            ops.sparse_linear_add(grad_x, g.contiguous(), ctx.layout, values, transposed=True)
+            if ctx.product == "dense":
+                grad_x = g @ _dense(values, indices, ctx.layout, g.dtype)
+            else:
+                grad_x = torch.zeros(x.shape, dtype=g.dtype, device=g.device)
+                ops.sparse_linear_add(grad_x, g.contiguous(), ctx.layout, values, transposed=True)
         if ctx.needs_input_grad[2]:
             grad_values = ops.support_grad(g, x, indices)
-        return g, grad_x, grad_values, None, None
+        return g, grad_x, grad_values, None, None, None
 
 
 @dataclass
@@ -223,7 +253,7 @@ class UnmergedLayer:
         if self.patched:
             raise SpraError(f"layer {self.name!r} already carries this sparse term")
         self.own_forward = self.module.__dict__.get("forward")
-        base, layout, indices = self.module.forward, self.layout, self.indices
+        base, layout, indices, product = self.module.forward, self.layout, self.indices, product_setting()
 
         def forward(x, *args, **kwargs):
             y = base(x, *args, **kwargs)
@@ -232,7 +262,7 @@ class UnmergedLayer:
             shape = y.shape
             y2 = y.view(-1, shape[-1])  # [T, out]
             x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)  # [T, in]
-            return _SparseTerm.apply(y2, x2, values(), layout, indices).view(shape)
+            return _SparseTerm.apply(y2, x2, values(), layout, indices, product).view(shape)
 
         self.module.forward = forward
         self.patched = True
@@ -260,8 +290,8 @@ class UnmergedDelta:
 
     @classmethod
     def of(cls, name: str, module: nn.Module, support: Support, base, model: nn.Module) -> UnmergedDelta:
-        """Layer `name` of `model` at `support`, its base read from `base` (a Checkpoint, a path, or None:
-        where the model was loaded from)."""
+        """The layer whose weight is checkpoint tensor `name`, at `support`; its base read from `base`
+        (a Checkpoint, a path, or None: where the model was loaded from)."""
         ckpt = open_base(model, base)
         indices = ops.support_indices(support, module.weight.device)
         values = base_values(ckpt, name, module, indices)

@@ -61,8 +61,12 @@ QUANTIZATIONS = {
     ),
     "int8": (_bnb(load_in_8bit=True), HAVE_BNB, ("cpu", "cuda")),
     "torchao-int8": (_torchao("Int8WeightOnlyConfig"), HAVE_TORCHAO, ("cpu", "cuda")),
-    # torchao's int4 weight-only packs for its CUDA kernels (it needs the mslk package): GPU only.
-    "torchao-int4": (_torchao("Int4WeightOnlyConfig", group_size=32), HAVE_TORCHAO, ("cuda",)),
+    # torchao 0.18's int4 weight-only packings are CUDA kernels' (tinygemm here; "plain" needs mslk): GPU only.
+    "torchao-int4": (
+        _torchao("Int4WeightOnlyConfig", group_size=32, int4_packing_format="tile_packed_to_4d"),
+        HAVE_TORCHAO,
+        ("cuda",),
+    ),
 }
 
 
@@ -124,9 +128,12 @@ def test_every_linear_is_recognised(base, name, device):
         assert 0 < (deq - want).norm() / want.norm() < 0.25
 
 
+@pytest.mark.parametrize("product", quantized.PRODUCTS)
 @pytest.mark.parametrize("name, device", CASES)
-def test_sparse_term_matches_dequantized_reference(base, name, device):
-    """y = base(x) + x·Δᵀ and both gradients, against fp32 autograd over dequantized W + dense Δ."""
+def test_sparse_term_matches_dequantized_reference(base, name, device, product, monkeypatch):
+    """y = base(x) + x·Δᵀ and both gradients, against fp32 autograd over dequantized W + dense Δ,
+    with the sparse term's products by the sparse kernel and as dense GEMMs."""
+    monkeypatch.setenv(quantized.PRODUCT_VARIABLE, product)
     model = _load(base, name, device)
     sm = SparseModel(model, density=0.05, seed=7, targets=["all-linear"])
     _randomize(sm, scale=0.05)
@@ -227,17 +234,21 @@ def test_adapter_describes_the_full_precision_base(base, other_base, name, devic
     with pytest.raises(MismatchError):
         load_model(other_base, path, quantization_config=config, dtype=torch.bfloat16, device_map={"": device})
     wrong = _load(other_base, name, device)
-    wrong.name_or_path = str(base)  # claims the right checkpoint; its weights say otherwise
+    with pytest.raises(MismatchError, match="quantized weights differ"):
+        SparseModel(wrong, density=0.05, seed=7, targets=["vo"], base=base)
+    wrong.config.name_or_path = str(base)  # claims the right checkpoint; its weights say otherwise
     with pytest.raises(MismatchError, match="quantized weights differ"):
         attach(wrong, path)
-    with pytest.raises(MismatchError, match="quantized weights differ"):
-        SparseModel(wrong, density=0.05, seed=7, targets=["vo"])
 
 
 @pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (spra-tools[quant])")
-def test_merged_is_refused_and_the_base_must_be_found(base):
+def test_merged_is_refused_and_the_base_must_be_found(base, monkeypatch):
     model = _load(base, "nf4", "cpu")
-    with pytest.raises(SpraError, match="checkpoint"):
+    monkeypatch.setenv(quantized.PRODUCT_VARIABLE, "sideways")
+    with pytest.raises(SpraError, match=quantized.PRODUCT_VARIABLE):
+        SparseModel(model, density=0.05, seed=7)
+    monkeypatch.delenv(quantized.PRODUCT_VARIABLE)
+    with pytest.raises(SpraError, match="missing"):
         SparseModel(model, density=0.05, seed=7, base=base / "missing")
     sm = SparseModel(model, density=0.05, seed=7)
     with pytest.raises(SpraError, match="in place"):
@@ -275,3 +286,41 @@ def test_train_quantize_writes_an_adapter_of_the_full_precision_base(tmp_path, c
     before = _corpus_loss(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer, lines)
     after = _corpus_loss(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), tokenizer, lines)
     assert after < before - 1.0, (before, after)
+
+
+@pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (spra-tools[quant])")
+def test_unmerged_adapters_stack_and_detach_in_any_order(base, tmp_path):
+    """Two adapters on an NF4 model: detaching the first leaves exactly "base + the second"."""
+    from spra_tools.live import stage, swap
+    from spra_tools.multi import MultiAdapter
+
+    paths = []
+    for seed in (1, 2):
+        sm = SparseModel(_load(base, "nf4", "cpu"), density=0.05, seed=seed, targets=["vo"])
+        _randomize(sm, seed=seed, scale=0.05)
+        paths.append(tmp_path / f"a{seed}.spra")
+        sm.save(paths[-1])
+    model = _load(base, "nf4", "cpu")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    plain = logits()
+    second = attach(model, paths[1])
+    only_second = logits()
+    second.detach()
+    assert torch.equal(logits(), plain)
+    first, second = attach(model, paths[0]), attach(model, paths[1])
+    assert not torch.equal(logits(), only_second)
+    first.detach()
+    assert torch.equal(logits(), only_second)
+    third = swap(second, stage(model, paths[0]))  # a staged adapter swaps in without re-verifying
+    with torch.no_grad():
+        attach(served := _load(base, "nf4", "cpu"), paths[0])
+        assert torch.equal(logits(), served(input_ids=ids).logits)
+    third.detach()
+    assert torch.equal(logits(), plain)
+    with pytest.raises(SpraError, match="quantized"):
+        MultiAdapter(model).load("a", paths[0])
