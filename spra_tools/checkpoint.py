@@ -44,8 +44,27 @@ class Checkpoint:
     revision: str | None
 
     def __post_init__(self):
-        self._where = {n: c for c in self.shards for n in c.tensors}
+        if self.index is None:
+            self._where = {n: c for c in self.shards for n in c.tensors}
+        else:  # a tensor stored in two shards is read where the index says, as transformers reads it
+            by_file = {Path(c.path).name: c for c in self.shards}
+            self._where = {n: by_file[shard] for n, shard in self.index["weight_map"].items()}
         self._maps: dict[str, np.memmap] = {}
+
+    def indexed_in(self, shard: fmt.Container) -> list[str]:
+        """The tensors of `shard` that are read from it (not a stray copy of one indexed elsewhere)."""
+        return [n for n in shard.tensors if self._where.get(n) is shard]
+
+    def replacement_problem(self, name: str, shape: tuple[int, ...]) -> str | None:
+        """Why a whole tensor of `shape` cannot replace the base tensor `name`, or None. Only the first
+        dimension of a matrix may change (rows: added tokens, a head's labels); anything else (a norm
+        of another width, a transposed matrix) makes a checkpoint its model cannot load."""
+        if name not in self:
+            return None
+        base = self.info(name).shape
+        if tuple(shape) == base or (len(base) >= 2 and len(shape) == len(base) and tuple(shape[1:]) == base[1:]):
+            return None
+        return f"dense shape {list(shape)} cannot replace the base's {list(base)}"
 
     @property
     def is_file(self) -> bool:
@@ -62,7 +81,7 @@ class Checkpoint:
 
     @property
     def numel(self) -> int:
-        return sum(t.numel for c in self.shards for t in c.tensors.values())
+        return sum(self.info(n).numel for n in self._where)
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor over a copy-on-write memory map: cheap to gather from; writes never reach the file."""
@@ -151,6 +170,7 @@ def write_checkpoint(
     dense: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    inputs: tuple = (),
 ) -> Path:
     """Write `ckpt` to `out`, shard by shard, never holding the model in memory.
 
@@ -158,14 +178,12 @@ def write_checkpoint(
     the tensors named in `edited` in place, `weight` being a view of the output file, so an edit
     that touches a few elements costs only those pages. `dense` tensors replace the base tensor
     of that name (any shape or dtype) or, when the base has none, are added to the last shard.
-    `out` appears only when complete; on any failure nothing is left behind.
+    `out` appears only when complete; on any failure nothing is left behind. `out` must not be,
+    hold or lie inside the base or any of `inputs` (fsutil.check_output).
     """
     dense = dict(dense or {})
-    out = Path(out)
-    if ckpt.path.resolve() == out.resolve() or (not ckpt.is_file and ckpt.path.resolve() in out.resolve().parents):
-        raise SpraError("output must not be the base or lie inside it", out)
     added = {n: t for n, t in dense.items() if n not in ckpt}
-    with atomic_path(out, overwrite, directory=not ckpt.is_file) as tmp:
+    with atomic_path(out, overwrite, directory=not ckpt.is_file, inputs=(ckpt.path, *inputs)) as tmp:
         bar = _progress(sum(c.file_size for c in ckpt.shards), progress)
         try:
             weight_map, total = {}, 0
@@ -173,11 +191,12 @@ def write_checkpoint(
                 extra = added if i == len(ckpt.shards) - 1 else {}
                 target = tmp if ckpt.is_file else tmp / Path(shard.path).name
                 total += _copy_shard(shard, target, dense, extra)
-                _edit_shard(target, [n for n in shard.tensors if n in edited and n not in dense], edit)
-                weight_map.update({n: target.name for n in [*shard.tensors, *extra]})
+                homed = ckpt.indexed_in(shard)
+                _edit_shard(target, [n for n in homed if n in edited and n not in dense], edit)
+                weight_map.update({n: target.name for n in [*homed, *extra]})
                 bar.update(shard.file_size)
             if not ckpt.is_file:
-                _copy_side_files(ckpt.path, tmp)
+                _copy_side_files(ckpt.path, tmp, {Path(c.path).name for c in ckpt.shards})
                 if ckpt.index is not None:
                     index = dict(ckpt.index)
                     index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
@@ -187,7 +206,7 @@ def write_checkpoint(
             raise SpraError(f"cannot write the output ({e.strerror or e})", out) from None
         finally:
             bar.close()
-    return out
+    return Path(out)
 
 
 def _copy_shard(shard: fmt.Container, target: Path, dense: dict, extra: dict) -> int:
@@ -275,10 +294,11 @@ def _copy_range(src, dst, offset: int, length: int) -> None:
         pos += len(chunk)
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Config, generation config, tokenizer files, chat template...: every top-level file but weights."""
+def _copy_side_files(src: Path, dst: Path, shards: set[str]) -> None:
+    """Config, generation config, tokenizer files, chat template...: every top-level file but weights
+    (by suffix, and the `shards` the index names, whatever they are called: the written ones)."""
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and not _SKIP.search(p.name):
+        if p.is_file() and not p.name.startswith(".") and not _SKIP.search(p.name) and p.name not in shards:
             shutil.copy2(p, dst / p.name)
 
 

@@ -135,7 +135,7 @@ def export_adapter(
 
     config = adapter_config(adapter, adapter_path.name, base)
     card = model_card(config, describe_adapter(adapter, adapter_path), license)
-    with atomic_path(out_dir, overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite, directory=True, inputs=(adapter_path,)) as tmp:
         shutil.copyfile(adapter_path, tmp / adapter_path.name)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD).write_text(card, encoding="utf-8")
@@ -197,7 +197,15 @@ def pull(
 
     with atomic_path(out_dir, overwrite, directory=True) as tmp:
         with hub_errors(repo_id, revision, endpoint), _progress_bars(progress):
-            hf.snapshot_download(repo_id, revision=revision, token=token, local_dir=tmp, endpoint=endpoint)
+            # The names are checked before anything is written, and the download is pinned to the
+            # commit whose names were checked.
+            info = hf.HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+            names = [s.rfilename for s in info.siblings or []]
+            for name in names:
+                _check_repo_file_name(name, repo_id)
+            hf.snapshot_download(
+                repo_id, revision=info.sha, token=token, local_dir=tmp, endpoint=endpoint, allow_patterns=names
+            )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
         spra = _single_spra(tmp, repo_id)
         try:
@@ -205,6 +213,23 @@ def pull(
         except SpraError as e:
             raise SpraError(f"downloaded {spra.name} is not a valid adapter ({e.message})", repo_id) from None
     return Path(out_dir)
+
+
+def _check_repo_file_name(name: str, repo_id: str) -> None:
+    """Refuse a Hub file name that would land outside the download folder or that cannot be a plain
+    relative path on every platform: a `..` segment, an absolute, drive or UNC path, a backslash, a
+    control character. Checked before anything is downloaded, whatever huggingface_hub checks."""
+    segments = name.split("/")
+    if (
+        not name
+        or ".." in segments
+        or "" in segments
+        or name.startswith("/")
+        or "\\" in name
+        or re.search(r"[\x00-\x1f\x7f]", name)
+        or re.match(r"[A-Za-z]:", name)
+    ):
+        raise SpraError(f"the repository holds a file named {name!r}, which is not a safe relative path", repo_id)
 
 
 @contextlib.contextmanager

@@ -80,6 +80,10 @@ def _structure_problems(ckpt: Checkpoint, adapter: Adapter) -> dict[str, str]:
             problems[name] = f"shape {list(info.shape)} in the base, {list(d.shape)} in the adapter"
         elif info.dtype != dtype_name(d.dtype):
             problems[name] = f"dtype {info.dtype} in the base, {dtype_name(d.dtype)} in the adapter"
+    for name, tensor in adapter.dense.items():
+        why = ckpt.replacement_problem(name, tuple(tensor.shape))
+        if why:
+            problems[name] = why
     return problems
 
 
@@ -106,7 +110,7 @@ def apply_adapter(
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise MismatchError(f"tensor {name!r}: {why}{more}; is this the adapter's base?", path)
         if not allow_nonfinite:
-            adapter.check_finite(path)
+            adapter.check_finite(path, "--allow-nonfinite")
     edited = {n for _, a in adapters for n in a.deltas}
     dense = {n: t for _, a in adapters for n, t in a.dense.items()}
 
@@ -130,7 +134,8 @@ def apply_adapter(
                 )
 
     t0 = time.perf_counter()
-    write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress)
+    inputs = tuple(path for path, _ in adapters)
+    write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress, inputs=inputs)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,

@@ -49,6 +49,10 @@ def base_problems(base: Checkpoint, adapter: Adapter, fingerprints: bool = True)
             why = None
         if why:
             problems.append(f"tensor {name!r}: {why}")
+    for name, tensor in adapter.dense.items():
+        why = base.replacement_problem(name, tuple(tensor.shape))
+        if why:
+            problems.append(f"tensor {name!r}: {why}")
     return problems
 
 

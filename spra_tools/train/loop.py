@@ -174,10 +174,15 @@ def _preflight(config: TrainConfig, dist: _Dist) -> None:
     if config.resume:
         checkpoints.check_resumable(config.checkpoint_dir, config.run_settings())
     if dist.main:
-        check_output(config.output, config.overwrite)
+        check_output(config.output, config.overwrite, _inputs(config))
         for what, path in (("checkpoint directory", config.checkpoint_dir), ("log directory", config.log_dir)):
             if path is not None:
                 _check_directory(path, what)
+
+
+def _inputs(config: TrainConfig) -> tuple:
+    """What the run reads: the output may not be, hold or lie inside any of them."""
+    return (config.base, config.data, config.eval_data)
 
 
 def _check_directory(path: str, what: str) -> None:
@@ -465,7 +470,7 @@ def _save_adapter(run: _Run, state: RunState) -> None:
     if run.eval_data is not None:
         provenance["eval_data"] = _data_record(run.eval_data)
     if run.dist.main:
-        sm.save(config.output, values_dtype, overwrite=config.overwrite, provenance=provenance, task=task)
+        sm.save(config.output, values_dtype, config.overwrite, provenance, task, _inputs(config))
     if run.dist.world > 1:
         torch.distributed.barrier()
 

@@ -219,9 +219,10 @@ class SparseModel(nn.Module):
         return Adapter(deltas, dense, base, task or {}, provenance, values_dtype == torch.float32)
 
     def save(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
-             provenance: dict | None = None, task: dict | None = None) -> None:  # fmt: skip
-        """Write the trained adapter (fp32 values reproduce the trained weights bit for bit)."""
-        self.adapter(values_dtype, provenance, task).save(path, overwrite)
+             provenance: dict | None = None, task: dict | None = None, inputs: tuple = ()) -> None:  # fmt: skip
+        """Write the trained adapter (fp32 values reproduce the trained weights bit for bit); `inputs`
+        as in Adapter.save."""
+        self.adapter(values_dtype, provenance, task).save(path, overwrite, inputs=inputs)
 
 
 def _weight_holders(model: nn.Module) -> dict[int, list[nn.Module]]:
