@@ -47,22 +47,28 @@ class Checkpoint:
         if self.index is None:
             self._where = {n: c for c in self.shards for n in c.tensors}
         else:  # a tensor stored in two shards is read where the index says, as transformers reads it
-            by_file = {Path(c.path).name: c for c in self.shards}
-            self._where = {n: by_file[shard] for n, shard in self.index["weight_map"].items()}
+            home = self.index["weight_map"]
+            self._where = {n: c for c in self.shards for n in c.tensors if home.get(n) == Path(c.path).name}
         self._maps: dict[str, np.memmap] = {}
 
     def indexed_in(self, shard: fmt.Container) -> list[str]:
         """The tensors of `shard` that are read from it (not a stray copy of one indexed elsewhere)."""
         return [n for n in shard.tensors if self._where.get(n) is shard]
 
-    def replacement_problem(self, name: str, shape: tuple[int, ...]) -> str | None:
-        """Why a whole tensor of `shape` cannot replace the base tensor `name`, or None. Only the first
-        dimension of a matrix may change (rows: added tokens, a head's labels); anything else (a norm
-        of another width, a transposed matrix) makes a checkpoint its model cannot load."""
+    def replacement_problem(self, name: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why the whole tensor `name` of an adapter (whose dense tensors have `shapes`) cannot replace
+        the base tensor of that name, or None. Only the first dimension of a matrix may change (rows:
+        added tokens, a head's labels), and a bias's length with the rows of its weight; anything else
+        (a norm of another width, a transposed matrix) makes a checkpoint its model cannot load."""
         if name not in self:
             return None
-        base = self.info(name).shape
-        if tuple(shape) == base or (len(base) >= 2 and len(shape) == len(base) and tuple(shape[1:]) == base[1:]):
+        shape, base = tuple(shapes[name]), self.info(name).shape
+        rows_of_weight = shapes.get(name.removesuffix(".bias") + ".weight", (None,))[0]
+        if (
+            shape == base
+            or (len(base) >= 2 and len(shape) == len(base) and shape[1:] == base[1:])
+            or (name.endswith(".bias") and len(base) == len(shape) == 1 and shape[0] == rows_of_weight)
+        ):
             return None
         return f"dense shape {list(shape)} cannot replace the base's {list(base)}"
 

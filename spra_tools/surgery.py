@@ -80,8 +80,9 @@ def _structure_problems(ckpt: Checkpoint, adapter: Adapter) -> dict[str, str]:
             problems[name] = f"shape {list(info.shape)} in the base, {list(d.shape)} in the adapter"
         elif info.dtype != dtype_name(d.dtype):
             problems[name] = f"dtype {info.dtype} in the base, {dtype_name(d.dtype)} in the adapter"
-    for name, tensor in adapter.dense.items():
-        why = ckpt.replacement_problem(name, tuple(tensor.shape))
+    shapes = {name: tuple(t.shape) for name, t in adapter.dense.items()}
+    for name in shapes:
+        why = ckpt.replacement_problem(name, shapes)
         if why:
             problems[name] = why
     return problems

@@ -352,3 +352,19 @@ def test_format_writer_refuses_what_the_reader_refuses(tmp_path):
     with pytest.raises(FormatError, match=r"more than 2\*\*36"):
         Adapter({"w": _delta("w", (1 << 37,), density=1e-9)}).save(tmp_path / "x.spra")
     np.testing.assert_equal(list(tmp_path.iterdir()), [])
+
+
+def test_the_replacement_rule_for_dense_tensors(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"score.weight": torch.zeros(2, 8), "score.bias": torch.zeros(2), "norm.weight": torch.zeros(8)}, path)
+    ckpt = open_checkpoint(path)
+
+    def why(**shapes):
+        shapes = {k.replace("_", "."): v for k, v in shapes.items()}
+        return {n: ckpt.replacement_problem(n, shapes) for n in shapes}
+
+    assert why(score_weight=(5, 8), score_bias=(5,)) == {"score.weight": None, "score.bias": None}  # new labels
+    assert why(norm_weight=(8,), new_head=(3, 3)) == {"norm.weight": None, "new.head": None}
+    assert why(norm_weight=(3,))["norm.weight"] == "dense shape [3] cannot replace the base's [8]"
+    assert why(score_bias=(5,))["score.bias"] is not None  # a bias changes only with its weight's rows
+    assert why(score_weight=(8, 2))["score.weight"] is not None

@@ -49,8 +49,9 @@ def base_problems(base: Checkpoint, adapter: Adapter, fingerprints: bool = True)
             why = None
         if why:
             problems.append(f"tensor {name!r}: {why}")
-    for name, tensor in adapter.dense.items():
-        why = base.replacement_problem(name, tuple(tensor.shape))
+    shapes = {name: tuple(t.shape) for name, t in adapter.dense.items()}
+    for name in shapes:
+        why = base.replacement_problem(name, shapes)
         if why:
             problems.append(f"tensor {name!r}: {why}")
     return problems
