@@ -85,10 +85,12 @@ class Adapter:
             deltas[name] = TensorDelta(d.name, d.shape, d.dtype, d.support, values, d.fingerprint)
         return Adapter(deltas, dict(self.dense), self.base, self.task, self.provenance, self.exact and same)
 
-    def check_finite(self, where: str | os.PathLike | None = None) -> None:
+    def check_finite(self, where: str | os.PathLike | None = None, accept_flag: str | None = None) -> None:
+        """Refuse NaN/Inf values; `accept_flag` names the option that accepts them, where one exists."""
+        hint = f" (pass {accept_flag} to accept)" if accept_flag else ""
         for d in self.deltas.values():
             if not bool(torch.isfinite(d.values).all()):
-                raise SpraError(f"tensor {d.name!r} has NaN or Inf values (pass --allow-nonfinite to accept)", where)
+                raise SpraError(f"tensor {d.name!r} has NaN or Inf values{hint}", where)
 
     @classmethod
     def load(cls, path: str | os.PathLike, allow_nonfinite: bool = True) -> Adapter:
@@ -104,8 +106,11 @@ class Adapter:
             adapter.check_finite(path)
         return adapter
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False, allow_nonfinite: bool = False) -> None:
-        """Write atomically; refuses NaN/Inf values unless allowed."""
+    def save(
+        self, path: str | os.PathLike, overwrite: bool = False, allow_nonfinite: bool = False, inputs: tuple = ()
+    ) -> None:
+        """Write atomically; refuses NaN/Inf values unless allowed, and a `path` that is, holds or
+        lies inside one of `inputs` (fsutil.check_output)."""
         if not allow_nonfinite:
             self.check_finite(path)
         records = [
@@ -122,7 +127,7 @@ class Adapter:
         ]
         dense = [fmt.DenseRecord(n, dtype_name(t.dtype), raw_bits(t).reshape(t.shape)) for n, t in self.dense.items()]
         spra = fmt.SpraFile(records, dense, self.base, self.task, self.provenance, self.exact)
-        with atomic_path(path, overwrite) as tmp:
+        with atomic_path(path, overwrite, inputs=inputs) as tmp:
             try:
                 with open(tmp, "wb") as f:
                     fmt.write_spra(f, spra)

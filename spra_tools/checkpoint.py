@@ -51,8 +51,33 @@ class Checkpoint:
     revision: str | None
 
     def __post_init__(self):
-        self._where = {n: c for c in self.shards for n in c.tensors}
+        if self.index is None:
+            self._where = {n: c for c in self.shards for n in c.tensors}
+        else:  # a tensor stored in two shards is read where the index says, as transformers reads it
+            home = self.index["weight_map"]
+            self._where = {n: c for c in self.shards for n in c.tensors if home.get(n) == Path(c.path).name}
         self._maps: dict[str, np.memmap] = {}
+
+    def indexed_in(self, shard: fmt.Container) -> list[str]:
+        """The tensors of `shard` that are read from it (not a stray copy of one indexed elsewhere)."""
+        return [n for n in shard.tensors if self._where.get(n) is shard]
+
+    def replacement_problem(self, name: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why the whole tensor `name` of an adapter (whose dense tensors have `shapes`) cannot replace
+        the base tensor of that name, or None. Only the first dimension of a matrix may change (rows:
+        added tokens, a head's labels), and a bias's length with the rows of its weight; anything else
+        (a norm of another width, a transposed matrix) makes a checkpoint its model cannot load."""
+        if name not in self:
+            return None
+        shape, base = tuple(shapes[name]), self.info(name).shape
+        rows_of_weight = shapes.get(name.removesuffix(".bias") + ".weight", (None,))[0]
+        if (
+            shape == base
+            or (len(base) >= 2 and len(shape) == len(base) and shape[1:] == base[1:])
+            or (name.endswith(".bias") and len(base) == len(shape) == 1 and shape[0] == rows_of_weight)
+        ):
+            return None
+        return f"dense shape {list(shape)} cannot replace the base's {list(base)}"
 
     @property
     def is_file(self) -> bool:
@@ -89,7 +114,7 @@ class Checkpoint:
 
     @property
     def numel(self) -> int:
-        return sum(t.numel for c in self.shards for t in c.tensors.values())
+        return sum(self.info(n).numel for n in self._where)
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor over a copy-on-write memory map: cheap to gather from; writes never reach the file."""
@@ -181,6 +206,7 @@ def write_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
     config: dict | None = None,
+    inputs: tuple = (),
 ) -> Path:
     """Write `ckpt` to `out`, shard by shard, never holding the model in memory.
 
@@ -189,7 +215,8 @@ def write_checkpoint(
     that touches a few elements costs only those pages. `dense` tensors replace the base tensor
     of that name (any shape or dtype) or, when the base has none, are added to the last shard.
     `config` entries replace those of the copied ``config.json`` (a directory base that has one).
-    `out` appears only when complete; on any failure nothing is left behind.
+    `out` appears only when complete; on any failure nothing is left behind. `out` must not be,
+    hold or lie inside the base or any of `inputs` (fsutil.check_output).
     """
     dense = dict(dense or {})
     added = {n: t for n, t in dense.items() if n not in ckpt}
@@ -197,10 +224,11 @@ def write_checkpoint(
     def write_shard(shard: fmt.Container, target: Path, last: bool) -> tuple[int, list[str]]:
         extra = added if last else {}
         total = _copy_shard(shard, target, dense, extra)
-        _edit_shard(target, [n for n in shard.tensors if n in edited and n not in dense], edit)
-        return total, [*shard.tensors, *extra]
+        homed = ckpt.indexed_in(shard)  # a stray second copy of a tensor is copied, never edited
+        _edit_shard(target, [n for n in homed if n in edited and n not in dense], edit)
+        return total, [*homed, *extra]
 
-    return _write_shards(ckpt, out, write_shard, overwrite, progress, config)
+    return _write_shards(ckpt, out, write_shard, overwrite, progress, config, inputs)
 
 
 def stream_checkpoint(
@@ -211,6 +239,7 @@ def stream_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
     config: dict | None = None,
+    inputs: tuple = (),
 ) -> Path:
     """Write `ckpt` to `out` with the tensors named in `patched` changed on the way (no torch).
 
@@ -228,16 +257,17 @@ def stream_checkpoint(
     def write_shard(shard: fmt.Container, target: Path, last: bool) -> tuple[int, list[str]]:
         with open(shard.path, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
             jobs, done = [], 0  # bytes of the shard covered so far
+            homed = ckpt.indexed_in(shard)
             for t in sorted(shard.tensors.values(), key=lambda t: t.begin):
-                if t.name in patched and t.nbytes:
+                if t.name in patched and t.name in homed and t.nbytes:
                     jobs += _copy_jobs(src.fileno(), dst.fileno(), done, t.begin, src.name)
                     jobs.append(functools.partial(_patch_range, src.fileno(), dst.fileno(), t, patch, src.name))
                     done = t.end
             jobs += _copy_jobs(src.fileno(), dst.fileno(), done, shard.file_size, src.name)
             _run_jobs(jobs)
-        return shard.file_size - 8 - shard.header_size, list(shard.tensors)
+        return shard.file_size - 8 - shard.header_size, homed
 
-    return _write_shards(ckpt, out, write_shard, overwrite, progress, config)
+    return _write_shards(ckpt, out, write_shard, overwrite, progress, config, inputs)
 
 
 # Bytes a streamed tensor moves per read and write: small enough to stay in the CPU's cache between
@@ -289,16 +319,15 @@ def _run_jobs(jobs: list) -> None:
         raise min(errors, key=lambda x: x[0])[1]
 
 
-def _write_shards(ckpt: Checkpoint, out, write_shard, overwrite: bool, progress: bool, config: dict | None) -> Path:
+def _write_shards(
+    ckpt: Checkpoint, out, write_shard, overwrite: bool, progress: bool, config: dict | None, inputs: tuple
+) -> Path:
     """The shard loop both writers share: atomic output, shard names kept, side files (with the
     `config` entries), the index.
 
     ``write_shard(shard, target, last)`` writes one shard and returns (bytes of tensor data,
     names of the tensors in it)."""
-    out = Path(out)
-    if ckpt.path.resolve() == out.resolve() or (not ckpt.is_file and ckpt.path.resolve() in out.resolve().parents):
-        raise SpraError("output must not be the base or lie inside it", out)
-    with atomic_path(out, overwrite, directory=not ckpt.is_file) as tmp:
+    with atomic_path(out, overwrite, directory=not ckpt.is_file, inputs=(ckpt.path, *inputs)) as tmp:
         bar = _progress(sum(c.file_size for c in ckpt.shards), progress)
         try:
             weight_map, total = {}, 0
@@ -309,7 +338,7 @@ def _write_shards(ckpt: Checkpoint, out, write_shard, overwrite: bool, progress:
                 weight_map.update({n: target.name for n in names})
                 bar.update(shard.file_size)
             if not ckpt.is_file:
-                _copy_side_files(ckpt.path, tmp)
+                _copy_side_files(ckpt.path, tmp, {Path(c.path).name for c in ckpt.shards})
                 if config and (tmp / CONFIG).is_file():
                     _update_config(tmp / CONFIG, config)
                 if ckpt.index is not None:
@@ -321,7 +350,7 @@ def _write_shards(ckpt: Checkpoint, out, write_shard, overwrite: bool, progress:
             raise SpraError(f"cannot write the output ({e.strerror or e})", out) from None
         finally:
             bar.close()
-    return out
+    return Path(out)
 
 
 def _patch_range(src: int, dst: int, info: fmt.TensorInfo, patch, name: str, buffer: bytearray) -> None:
@@ -463,10 +492,11 @@ def _copy_range(src, dst, offset: int, length: int) -> None:
         pos += len(chunk)
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Config, generation config, tokenizer files, chat template...: every top-level file but weights."""
+def _copy_side_files(src: Path, dst: Path, shards: set[str]) -> None:
+    """Config, generation config, tokenizer files, chat template...: every top-level file but weights
+    (by suffix, and the `shards` the index names, whatever they are called: the written ones)."""
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and not _SKIP.search(p.name):
+        if p.is_file() and not p.name.startswith(".") and not _SKIP.search(p.name) and p.name not in shards:
             shutil.copy2(p, dst / p.name)
 
 

@@ -28,8 +28,11 @@ def _progress(ctx: click.Context) -> bool:
 
 
 def _say(ctx: click.Context, message: str) -> None:
+    """Print one line; file and tensor names in it shown escaped (errors.shown), like every line we print."""
+    from .errors import shown
+
     if not ctx.find_root().params.get("quiet"):
-        click.echo(message)
+        click.echo(shown(message))
 
 
 def _warn(message: str) -> None:
@@ -54,21 +57,22 @@ def _density_option(help: str, required: bool = False):
     return click.option("--density", type=float, required=required, callback=check, help=help)
 
 
-def _check_outputs(out: str, overwrite: bool, report_path: str | None = None) -> None:
-    """Refuse, before any work, an output (and a --report file) that could not be written."""
+def _check_outputs(out: str, overwrite: bool, inputs=(), report_path: str | None = None) -> None:
+    """Refuse, before any work, an output (and a --report file) that could not be written or that
+    is, holds or lies inside one of `inputs` (fsutil.check_output)."""
     from pathlib import Path
 
     from .errors import SpraError
     from .fsutil import check_output
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs)
     if report_path:
         if Path(report_path).is_dir():
             raise SpraError("is a directory (--report takes a file name)", report_path)
-        check_output(report_path, overwrite=True)
+        check_output(report_path, True, (*inputs, out))
 
 
-def _save(adapter, out: str, overwrite: bool, report: dict | None = None, report_path: str | None = None) -> None:
+def _save(adapter, out: str, overwrite: bool, inputs=(), report=None, report_path: str | None = None) -> None:
     """Write the adapter and, when asked, its JSON report: both or neither (each goes to a temporary
     first; the adapter is moved into place last)."""
     import contextlib
@@ -77,9 +81,9 @@ def _save(adapter, out: str, overwrite: bool, report: dict | None = None, report
     from .fsutil import atomic_path
 
     with contextlib.ExitStack() as outputs:
-        adapter_tmp = outputs.enter_context(atomic_path(out, overwrite))
+        adapter_tmp = outputs.enter_context(atomic_path(out, overwrite, inputs=inputs))
         if report_path:
-            report_tmp = outputs.enter_context(atomic_path(report_path, overwrite=True))
+            report_tmp = outputs.enter_context(atomic_path(report_path, True, inputs=(*inputs, out)))
             try:
                 report_tmp.write_text(json.dumps(report, indent=2) + "\n")
             except OSError as e:
@@ -144,9 +148,10 @@ def create(ctx, base, out, density, seed, targets, exclude, values_dtype, revisi
     from .checkpoint import open_checkpoint
     from .surgery import create_adapter
 
+    _check_outputs(out, overwrite, [base])
     ckpt = open_checkpoint(base, revision)
     adapter = create_adapter(ckpt, density, seed, targets, exclude, SHORT_DTYPES[values_dtype], _progress(ctx))
-    adapter.save(out, overwrite)
+    adapter.save(out, overwrite, inputs=[ckpt.path])
     size = os.path.getsize(out)
     _say(
         ctx,
@@ -172,21 +177,26 @@ def info(adapter, as_json, indices_of):
         if flat.size:
             sys.stdout.write("\n".join(flat.astype(str).tolist()) + "\n")
         return
+    from .errors import shown
+
     d = describe_adapter(a, adapter)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
+    for t in d["per_tensor"]:
+        t["name"] = shown(t["name"])
+    d["path"] = shown(d["path"])
     bpv = f", {d['bytes_per_value']:.2f} bytes per value" if d["bytes_per_value"] else ""
     frac = f", {d['fraction_of_model']:.4%} of the model" if d["fraction_of_model"] else ""
     base = d["base"]
     click.echo(f"adapter     {d['path']}  ({human_size(d['file_bytes'])}{bpv})")
-    click.echo(f"base        {base.get('name')}  revision {base.get('revision') or '-'}")
+    click.echo(f"base        {shown(str(base.get('name')))}  revision {shown(str(base.get('revision') or '-'))}")
     click.echo(
         f"values      {d['values']:,} in {d['tensors']} tensors: {d['density_of_targeted']:.4%} of the targeted{frac}"
     )
     click.echo(f"support     {d['support']}   exact: {'yes' if d['exact'] else 'no'}")
     if d["dense"]:
-        click.echo(f"dense       {', '.join(d['dense'])}")
+        click.echo(f"dense       {shown(', '.join(d['dense']))}")
     click.echo(f"provenance  {json.dumps(d['provenance'])}")
     if d["task"]:
         click.echo(f"task        {json.dumps(d['task'])}")
@@ -210,18 +220,18 @@ def info(adapter, as_json, indices_of):
 def verify(ctx, base, adapter, revision):
     """Exit 0 iff ADAPTER belongs to BASE: names, shapes, dtypes and fingerprints all match."""
     from .checkpoint import open_checkpoint
+    from .errors import MismatchError, shown
     from .surgery import verify_adapter
 
     a = _load(adapter)
     problems = verify_adapter(open_checkpoint(base, revision), a, _progress(ctx))
-    if problems:
-        for line in problems[:10]:
-            click.echo(f"{adapter}: {line}", err=True)
-        if len(problems) > 10:
-            click.echo(f"... and {len(problems) - 10} more", err=True)
-        click.echo(f"{adapter}: does not match {base} ({len(problems)} of {len(a.deltas)} tensors differ)", err=True)
-        sys.exit(1)
-    _say(ctx, f"{adapter}: matches {base} ({len(a.deltas)} tensors, {a.num_values:,} values)")
+    if problems:  # the report on stdout, one per tensor; the verdict is the one error line
+        for line in problems:
+            click.echo(f"{shown(adapter)}: {line}")
+        raise MismatchError(
+            f"does not match {shown(base)} ({len(problems)} of {len(a.deltas) + len(a.dense)} tensors differ)", adapter
+        )
+    _say(ctx, f"{shown(adapter)}: matches {shown(base)} ({len(a.deltas)} tensors, {a.num_values:,} values)")
 
 
 @cli.command()
@@ -245,17 +255,18 @@ def diff(ctx, base, tuned, out, density, targets, exclude, values_dtype, report_
     from .algebra import diff_checkpoints
     from .checkpoint import open_checkpoint
 
-    _check_outputs(out, overwrite, report_path)
+    _check_outputs(out, overwrite, [base, tuned], report_path)
+    base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     adapter, report = diff_checkpoints(
-        open_checkpoint(base),
-        open_checkpoint(tuned),
+        base_ckpt,
+        tuned_ckpt,
         density,
         targets,
         exclude,
         SHORT_DTYPES[values_dtype],
         _progress(ctx),
     )
-    _save(adapter, out, overwrite, report, report_path)
+    _save(adapter, out, overwrite, [base_ckpt.path, tuned_ckpt.path], report, report_path)
     upgraded = [n for n, r in report["tensors"].items() if "values" in r]
     _say(
         ctx,
@@ -286,9 +297,8 @@ def apply(ctx, base, adapters, out, scale, revision, overwrite, allow_nonfinite)
     Example:  spra-tools apply meta-llama/Llama-3.1-8B task.spra -o merged/
     """
     from .file_apply import apply_files
-    from .fsutil import check_output
 
-    check_output(out, overwrite)
+    _check_outputs(out, overwrite, [base, *adapters])
     stats = apply_files(base, list(adapters), out, scale, revision, overwrite, _progress(ctx), allow_nonfinite)
     _say(ctx, f"wrote {out}: {stats['values']:,} values in {stats['tensors']} tensors, {stats['seconds']:.2f} s")
 
@@ -308,6 +318,7 @@ def export(ctx, adapter, out, base, license_, overwrite):
     """
     from .share import export_adapter
 
+    _check_outputs(out, overwrite, [adapter])
     export_adapter(adapter, out, base, overwrite, license_, warn=_warn)
     _say(ctx, f"wrote {out}: {os.path.basename(adapter)}, adapter_config.json, README.md")
 
@@ -414,12 +425,15 @@ def merge(ctx, adapters, out, method, weights, density, seed, recipe, base, repo
     from .algebra.merge import merge_files
     from .algebra.recipe import MergeRequest, read_recipe
 
-    _check_outputs(out, overwrite, report_path)
+    inputs = [*adapters, recipe, base]
+    _check_outputs(out, overwrite, inputs, report_path)
     request = (read_recipe(recipe) if recipe else MergeRequest()).with_flags(
         adapters, method, weights, density, seed, base
     )
+    inputs += [*request.paths, request.base]
+    _check_outputs(out, overwrite, inputs, report_path)
     merged, report = merge_files(request)
-    _save(merged, out, overwrite, report, report_path)
+    _save(merged, out, overwrite, inputs, report, report_path)
     _say(
         ctx,
         f"wrote {out}: {merged.num_values:,} values in {len(merged.deltas)} tensors from {len(request.paths)} adapters"
@@ -443,11 +457,11 @@ def stack(ctx, base, adapters, out, values_dtype, overwrite):
     """
     from .algebra.stack import stack_adapters
     from .checkpoint import open_checkpoint
-    from .fsutil import check_output
 
-    check_output(out, overwrite)
-    stacked = stack_adapters(open_checkpoint(base), [(p, _load(p)) for p in adapters], SHORT_DTYPES[values_dtype])
-    stacked.save(out, overwrite)
+    _check_outputs(out, overwrite, [base, *adapters])
+    ckpt = open_checkpoint(base)
+    stacked = stack_adapters(ckpt, [(p, _load(p)) for p in adapters], SHORT_DTYPES[values_dtype])
+    stacked.save(out, overwrite, inputs=[ckpt.path, *adapters])
     _say(
         ctx,
         f"wrote {out}: {stacked.num_values:,} values in {len(stacked.deltas)} tensors from {len(adapters)} adapters",
@@ -475,9 +489,9 @@ def reseed(ctx, adapter, out, seed, density, base, compact, values_dtype, overwr
     """
     from .algebra.reseed import compact_adapter, reseed_adapter
     from .checkpoint import open_checkpoint
-    from .fsutil import check_output
 
-    check_output(out, overwrite)
+    inputs = [adapter, base]
+    _check_outputs(out, overwrite, inputs)
     a = _load(adapter)
     if values_dtype:
         from .dtypes import TORCH_DTYPES
@@ -485,11 +499,12 @@ def reseed(ctx, adapter, out, seed, density, base, compact, values_dtype, overwr
         a = a.with_values_dtype(TORCH_DTYPES[SHORT_DTYPES[values_dtype]])
     if compact:
         result, changed = compact_adapter(a, seed, density, adapter)
-        result.save(out, overwrite)
+        result.save(out, overwrite, inputs=inputs)
         _say(ctx, f"wrote {out}: {changed} of {len(a.deltas)} tensors now seeded")
         return
-    result, report = reseed_adapter(a, seed, density, open_checkpoint(base) if base else None, adapter)
-    result.save(out, overwrite)
+    ckpt = open_checkpoint(base) if base else None
+    result, report = reseed_adapter(a, seed, density, ckpt, adapter)
+    result.save(out, overwrite, inputs=[*inputs, ckpt and ckpt.path])
     _say(ctx, f"wrote {out}: {result.num_values:,} values; retained {report['retained']:.2%} of ||Δ||²")
 
 
@@ -499,12 +514,14 @@ def reseed(ctx, adapter, out, seed, density, base, compact, values_dtype, overwr
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compare(a, b, as_json):
     """Per tensor: support overlap, cosine of the deltas on the overlap, norms; then a summary."""
+    from .errors import shown
     from .report import compare_adapters
 
     result = compare_adapters(_load(a), _load(b))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    result["tensors"] = {shown(name): t for name, t in result["tensors"].items()}
     width = max([len(n) for n in result["tensors"]] + [6])
     click.echo(f"{'tensor':<{width}}  {'overlap':>9}  {'cosine':>7}  {'|a|':>9}  {'|b|':>9}")
     for name, t in result["tensors"].items():
@@ -540,9 +557,8 @@ def convert(ctx, src, out, source, target, base, density, overwrite):
       spra-tools convert lora_dir/ -o lora.spra --density 0.01
     """
     from .algebra.convert import convert_files
-    from .fsutil import check_output
 
-    check_output(out, overwrite)
+    _check_outputs(out, overwrite, [src, base])
     adapter, target, base_name = convert_files(src, out, source, target, base, density, overwrite)
     if target == "peft-sparta":
         _say(ctx, f"wrote {out}: peft-sparta layout of {adapter.num_values:,} values (base {base_name})")
@@ -677,7 +693,7 @@ def demo(ctx, workdir):
 
 
 def main() -> None:
-    from .errors import SpraError
+    from .errors import SpraError, shown
 
     try:
         cli.main(standalone_mode=False, prog_name="spra-tools")
@@ -696,5 +712,5 @@ def main() -> None:
             message = f"{e.filename}: {e.strerror or e}"
         else:
             message = str(e) or e.__class__.__name__
-        click.echo(f"spra-tools: error: {message}", err=True)
+        click.echo(f"spra-tools: error: {shown(message)}", err=True)
         sys.exit(1)

@@ -109,7 +109,8 @@ def run_demo(workdir: str | None, echo=print) -> dict:
         echo(f"   loss {losses['base']:.3f} (base) -> {losses['merged']:.3f} (merged)")
 
         extracted_bytes = extracted_path.stat().st_size
-        echo("\nreport")
+        echo("")
+        echo("report")
         echo(f"  seeded adapter     {seeded_bytes:>9,} bytes  {seeded_bytes / n:5.2f} B/value")
         echo(f"  explicit (diff)    {extracted_bytes:>9,} bytes  {extracted_bytes / n:5.2f} B/value")
         echo(f"  peft-sparta layout {12 * n:>9,} bytes  12.00 B/value (int32 [nnz, 2] + fp32)")

@@ -9,6 +9,7 @@ the tensors that carry it. Neither knows about torch modules; arrays are numpy (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,9 +26,16 @@ from .errors import FormatError
 
 MAGIC = "spra"
 VERSION = 1
+MINOR = 1  # 1.1 adds `checksums`; a 1.0 file (no `minor`, no `checksums`) reads as before
 METADATA_KEY = "spra"
 MAX_HEADER = 100 << 20  # the safetensors limit
 MAX_DIMS = 8
+# The work a file can demand before any base is read: regenerating a seeded support costs one step
+# per 2**16-element block whatever its density, so a tiny file declaring a [2**47] tensor would cost
+# 2**31 steps. An adapted tensor declares at most 2**36 elements (16 times the largest tensors of
+# today's models), a file at most 2**40 in all.
+MAX_TENSOR_NUMEL = 1 << 36
+MAX_FILE_NUMEL = 1 << 40
 
 # safetensors dtype name -> (bytes per element, numpy dtype carrying the raw bits). Every dtype a
 # checkpoint may hold; dtypes.TORCH_DTYPES is its torch side, checked against it.
@@ -137,9 +145,9 @@ def read_container(path: str | os.PathLike) -> Container:
     except PermissionError:
         raise FormatError("permission denied", path) from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = _strict_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"header is not valid JSON ({e.__class__.__name__})", path) from None
+        raise FormatError(f"header is not valid JSON ({e.__class__.__name__}: {e})", path) from None
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object", path)
     metadata = header.pop("__metadata__", {})
@@ -185,6 +193,47 @@ def _tensor_info(path, name, entry, data_start, data_size) -> TensorInfo:
     if numel * DTYPES[dtype][0] != end - begin:
         raise FormatError(f"tensor {name!r}: shape {shape} x {dtype} does not match {end - begin} bytes", path)
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _strict_json(text: str):
+    """JSON as the writer makes it: no NaN / Infinity (Python's reader accepts them, the writer
+    refuses them); no duplicate key (readers disagree on which one counts); no lone surrogate (a
+    \\ud800 escape decodes to a string that no file, terminal or UTF-8 writer can take)."""
+    value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    if _SURROGATE.search(text) and _has_surrogate(value):
+        raise ValueError("a string holds a lone surrogate (invalid Unicode)")
+    return value
+
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # only an escape can put a surrogate into decoded text
+
+
+def _has_surrogate(value) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def _is_count(x) -> bool:
@@ -260,7 +309,11 @@ class SpraFile:
 
 def write_spra(f: BinaryIO, spra: SpraFile) -> None:
     entries, arrays = [], []
+    if sum(math.prod(t.shape) for t in spra.tensors) > MAX_FILE_NUMEL:
+        raise FormatError("the adapted tensors hold more than 2**40 elements in all")
     for t in spra.tensors:
+        if math.prod(t.shape) > MAX_TENSOR_NUMEL:
+            raise FormatError(f"tensor {t.name!r} has more than 2**36 elements")
         entry = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "count": t.support.count}
         if isinstance(t.support, sup.SeededSupport):
             entry["support"] = {"kind": "seeded", "seed": t.support.seed, "density": float(t.support.density)}
@@ -276,15 +329,42 @@ def write_spra(f: BinaryIO, spra: SpraFile) -> None:
     doc = {
         "format": MAGIC,
         "version": VERSION,
+        "minor": MINOR,
         "scheme": sup.SCHEME,
         "exact": spra.exact,
         "base": spra.base,
         "tensors": entries,
+        "checksums": {name: checksum(array) for name, _, array in arrays},
         "task": spra.task,
         "provenance": spra.provenance,
     }
     meta = {METADATA_KEY: json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)}
     write_container(f, arrays, meta)
+
+
+def checksum(array: np.ndarray) -> str:
+    """The checksum of a tensor's bytes (docs/FORMAT.md §3): BLAKE2b with an 8-byte digest, in hex."""
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _checksums(doc: dict, c: Container) -> dict[str, str] | None:
+    """The document's checksums (None in a 1.0 file), checked for shape: one per container tensor."""
+    minor = doc.get("minor", 0)
+    if not _is_count(minor):
+        raise FormatError(f"document field 'minor' must be a non-negative integer, got {minor!r}", c.path)
+    sums = doc.get("checksums")
+    if sums is None:
+        return None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and _HEX16.fullmatch(v) for v in sums.values()):
+        raise FormatError("'checksums' must map tensor names to 16 lowercase hex digits", c.path)
+    unsummed = sorted(set(c.tensors) - set(sums))
+    if unsummed:
+        raise FormatError(f"tensor {unsummed[0]!r} is not described by the adapter document (no checksum)", c.path)
+    absent = sorted(set(sums) - set(c.tensors))
+    if absent:
+        raise FormatError(f"'checksums' names tensor {absent[0]!r}, which the container does not hold", c.path)
+    return sums
 
 
 def read_spra(path: str | os.PathLike) -> SpraFile:
@@ -295,9 +375,9 @@ def read_spra(path: str | os.PathLike) -> SpraFile:
     if raw is None:
         raise FormatError("not a spra adapter (no 'spra' entry in the safetensors metadata)", path)
     try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise FormatError("adapter document is not valid JSON", path) from None
+        doc = _strict_json(raw)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"adapter document is not valid JSON ({e})", path) from None
     if not isinstance(doc, dict) or doc.get("format") != MAGIC:
         raise FormatError("not a spra adapter document", path)
     version = doc.get("version")
@@ -312,12 +392,26 @@ def read_spra(path: str | os.PathLike) -> SpraFile:
     for key, kind in (("base", dict), ("task", dict), ("provenance", dict), ("tensors", list), ("exact", bool)):
         if not isinstance(doc.get(key), kind):
             raise FormatError(f"document field {key!r} must be a {kind.__name__}", path)
+    numel = doc["base"].get("numel")
+    if numel is not None and not _is_count(numel):
+        raise FormatError(f"base 'numel' must be a non-negative integer, got {numel!r}", path)
 
+    sums = _checksums(doc, c)
     expected: set[str] = set()
-    records, seen = [], set()
+    records, seen, total = [], set(), 0
     with open(path, "rb") as f:
+
+        def read(name: str) -> np.ndarray:
+            array = c.read_array(name, f)
+            if sums is not None and checksum(array) != sums[name]:
+                raise FormatError(f"tensor {name!r}: its bytes do not match their checksum (corrupt file)", path)
+            return array
+
         for i, entry in enumerate(doc["tensors"]):
-            rec = _read_record(c, f, i, entry)
+            rec = _read_record(c, read, i, entry)
+            total += math.prod(rec.shape)
+            if total > MAX_FILE_NUMEL:
+                raise FormatError("the adapted tensors declare more than 2**40 elements in all", path)
             if rec.name in seen:
                 raise FormatError(f"tensor {rec.name!r} appears twice", path)
             seen.add(rec.name)
@@ -332,7 +426,7 @@ def read_spra(path: str | os.PathLike) -> SpraFile:
                     raise FormatError(f"dense tensor {name!r} has dtype {info.dtype}", path)
                 if name[len(DENSE) :] in seen:
                     raise FormatError(f"{name!r} is also an adapted tensor", path)
-                array = c.read_array(name, f).reshape(info.shape)
+                array = read(name).reshape(info.shape)
                 dense.append(DenseRecord(name[len(DENSE) :], info.dtype, array))
                 expected.add(name)
     stray = sorted(set(c.tensors) - expected)
@@ -341,7 +435,7 @@ def read_spra(path: str | os.PathLike) -> SpraFile:
     return SpraFile(records, dense, doc["base"], doc["task"], doc["provenance"], doc["exact"])
 
 
-def _read_record(c: Container, f: BinaryIO, i: int, entry) -> TensorRecord:
+def _read_record(c: Container, read, i: int, entry) -> TensorRecord:
     path = c.path
 
     def bad(msg):
@@ -354,8 +448,8 @@ def _read_record(c: Container, f: BinaryIO, i: int, entry) -> TensorRecord:
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_count(d) for d in shape)):
         raise bad(f"invalid shape {shape!r}")
     numel = math.prod(shape)
-    if numel >= sup.MAX_NUMEL:
-        raise bad(f"shape {shape} has too many elements")
+    if numel > MAX_TENSOR_NUMEL:
+        raise bad(f"shape {shape} has more than 2**36 elements")
     if dtype not in FLOAT_DTYPES:
         raise bad(f"base dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     if not _is_count(count) or count > numel:
@@ -385,7 +479,7 @@ def _read_record(c: Container, f: BinaryIO, i: int, entry) -> TensorRecord:
             if info is None or info.dtype != "U8" or info.shape != (size,):
                 raise bad(f"support tensor {key!r} must be U8 of shape [{size}]")
         try:
-            flat = sup.ef_decode(c.read_array(LOW + name, f), c.read_array(HIGH + name, f), numel, count)
+            flat = sup.ef_decode(read(LOW + name), read(HIGH + name), numel, count)
         except ValueError as e:
             raise bad(str(e)) from None
         support = sup.ExplicitSupport(numel, flat)
@@ -394,5 +488,5 @@ def _read_record(c: Container, f: BinaryIO, i: int, entry) -> TensorRecord:
     vinfo = c.tensors.get(VALUES + name)
     if vinfo is None or vinfo.dtype not in FLOAT_DTYPES or vinfo.shape != (count,):
         raise bad(f"values tensor must be one of {', '.join(FLOAT_DTYPES)} with shape [{count}]")
-    values = c.read_array(VALUES + name, f)
+    values = read(VALUES + name)
     return TensorRecord(name, tuple(shape), dtype, support, values, vinfo.dtype, fp)

@@ -206,7 +206,7 @@ def export_adapter(
     adapter, warning = shareable(recorded, base)
     from .report import describe_adapter
 
-    with atomic_path(out_dir, overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite, directory=True, inputs=(adapter_path,)) as tmp:
         spra = tmp / adapter_path.name
         if (adapter.base, adapter.provenance) == (recorded.base, recorded.provenance):
             shutil.copyfile(adapter_path, spra)
@@ -279,7 +279,15 @@ def pull(
 
     with atomic_path(out_dir, overwrite, directory=True) as tmp:
         with hub_errors(repo_id, revision, endpoint), _progress_bars(progress):
-            hf.snapshot_download(repo_id, revision=revision, token=token, local_dir=tmp, endpoint=endpoint)
+            # The names are checked before anything is written, and the download is pinned to the
+            # commit whose names were checked.
+            info = hf.HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+            names = [s.rfilename for s in info.siblings or []]
+            for name in names:
+                _check_repo_file_name(name, repo_id)
+            hf.snapshot_download(
+                repo_id, revision=info.sha, token=token, local_dir=tmp, endpoint=endpoint, allow_patterns=names
+            )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
         spra = _single_spra(tmp, repo_id)
         try:
@@ -287,6 +295,23 @@ def pull(
         except SpraError as e:
             raise SpraError(f"downloaded {spra.name} is not a valid adapter ({e.message})", repo_id) from None
     return Path(out_dir)
+
+
+def _check_repo_file_name(name: str, repo_id: str) -> None:
+    """Refuse a Hub file name that would land outside the download folder or that cannot be a plain
+    relative path on every platform: a `..` segment, an absolute, drive or UNC path, a backslash, a
+    control character. Checked before anything is downloaded, whatever huggingface_hub checks."""
+    segments = name.split("/")
+    if (
+        not name
+        or ".." in segments
+        or "" in segments
+        or name.startswith("/")
+        or "\\" in name
+        or re.search(r"[\x00-\x1f\x7f]", name)
+        or re.match(r"[A-Za-z]:", name)
+    ):
+        raise SpraError(f"the repository holds a file named {name!r}, which is not a safe relative path", repo_id)
 
 
 @contextlib.contextmanager

@@ -71,6 +71,8 @@ def verify_adapter(ckpt: Checkpoint, adapter: Adapter, progress: bool = False) -
 def _structure_problems(ckpt: Checkpoint, adapter: Adapter) -> dict[str, str]:
     """Tensor name -> what is wrong, for names, shapes and dtypes (no tensor data is read)."""
     problems = {n: ckpt.mismatch(n, d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}
+    shapes = {name: tuple(t.shape) for name, t in adapter.dense.items()}
+    problems.update({n: ckpt.replacement_problem(n, shapes) for n in shapes})
     return {n: why for n, why in problems.items() if why}
 
 
@@ -95,7 +97,7 @@ def apply_adapter(
     for path, adapter in adapters:
         ckpt.check_fits({n: (d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}, path)
         if not allow_nonfinite:
-            adapter.check_finite(path)
+            adapter.check_finite(path, "--allow-nonfinite")
     edited = {n for _, a in adapters for n in a.deltas}
     dense = {n: t for _, a in adapters for n, t in a.dense.items()}
 
@@ -120,7 +122,10 @@ def apply_adapter(
 
     t0 = time.perf_counter()
     config = task_config([a.task for _, a in adapters])
-    write_checkpoint(ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress, config=config)
+    inputs = tuple(path for path, _ in adapters)
+    write_checkpoint(
+        ckpt, out, edit, edited, dense, overwrite=overwrite, progress=progress, config=config, inputs=inputs
+    )
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,

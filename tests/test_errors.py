@@ -17,6 +17,7 @@ Most cases run `spra_tools.cli.main` in-process (fast); those marked ``sub`` go 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -70,7 +71,8 @@ def rewrite(src: Path, dst: Path, doc: Callable[[dict], None] | None = None, ten
 
     `doc` edits the parsed adapter document in place, `text` maps the document's JSON text to
     new text; `tensors` maps the list of (name, dtype, shape, raw bytes), in file order, to a new
-    list. The result is always a valid safetensors container (header by format.container_header).
+    list (and the document's checksums follow it). The result is always a valid safetensors
+    container (header by format.container_header).
     """
     c = read_container(src)
     items = [
@@ -86,6 +88,10 @@ def rewrite(src: Path, dst: Path, doc: Callable[[dict], None] | None = None, ten
         metadata["spra"] = text(metadata["spra"])
     if tensors is not None:
         items = tensors(items)
+        document = json.loads(metadata["spra"])
+        if "checksums" in document:  # as a writer would: each case tests its own check, not the checksum
+            document["checksums"] = {n: hashlib.blake2b(raw, digest_size=8).hexdigest() for n, _, _, raw in items}
+            metadata["spra"] = json.dumps(document, separators=(",", ":"))
     with open(dst, "wb") as f:
         f.write(container_header([(n, d, s) for n, d, s, _ in items], metadata))
         for *_, raw in items:
@@ -140,7 +146,7 @@ class Bad:
     names: Path | str | None = None  # the file stderr must name (None: no file is involved)
     rc: int = 1
     env: dict = field(default_factory=dict)
-    verify_lines: bool = False  # verify's mismatch report: several lines in a fixed format
+    verify_lines: bool = False  # verify's mismatch report (stdout) and its one error line
     usage: bool = False  # a click usage error: click's own format (Usage/Try/Error lines)
 
 
@@ -189,7 +195,9 @@ def _(w):
 
 @case("adapter-is-directory")
 def _(w):
-    return Bad(w.apply(w.tmp), "is a directory", w.tmp)
+    folder = w.tmp / "a-folder"  # not the output's parent: that is refused as an output inside an input
+    folder.mkdir(exist_ok=True)
+    return Bad(w.apply(folder), "is a directory", folder)
 
 
 @case("adapter-unreadable")
@@ -617,13 +625,15 @@ def check_refused(bad: Bad, w: W, runner, snapshot) -> None:
     assert "Traceback" not in stderr, context
     assert bad.expect in stderr, context
     lines = [line for line in stderr.splitlines() if line.strip()]
-    if bad.verify_lines:
+    if bad.verify_lines:  # the report on stdout, the verdict as the one error line
         adapter, base = argv[2], argv[1]
-        assert len(lines) >= 2, context
-        for line in lines[:-1]:
+        report = stdout.splitlines()
+        assert report, context
+        for line in report:
             assert re.fullmatch(rf"{re.escape(adapter)}: tensor '[^']+': .+", line), context
-        assert re.fullmatch(
-            rf"{re.escape(adapter)}: does not match {re.escape(base)} \(\d+ of \d+ tensors differ\)", lines[-1]
+        assert len(lines) == 1 and re.fullmatch(
+            rf"spra-tools: error: {re.escape(adapter)}: does not match {re.escape(base)} \(\d+ of \d+ tensors differ\)",
+            lines[0],
         ), context
     elif bad.usage:
         # click's usage error: "Usage: ...", "Try '... -h' for help.", "Error: ..."

@@ -18,12 +18,13 @@ from safetensors import safe_open
 
 from spra_tools.adapter import Adapter, TensorDelta, explicit_delta
 from spra_tools.dtypes import raw_bits
+from spra_tools.errors import FormatError
 from spra_tools.fingerprint import fingerprint, fingerprints
 from spra_tools.support import ExplicitSupport, SeededSupport
 
-GOLDEN_SHA256 = "4fedf6d6200dfcc35f83ea35b9ef81de9e87d5a4b4454216c8e04532c3170d7c"
-GOLDEN_SIZE = 1646
-GOLDEN_HEADER_LEN = 1320  # u64 little-endian: 28 05 00 00 00 00 00 00
+GOLDEN_SHA256 = "33299d32ec75136b5429da4b520f5d1a18de128acd96cc3675a20d08b36dbbf6"
+GOLDEN_SIZE = 2006
+GOLDEN_HEADER_LEN = 1680  # u64 little-endian: 90 06 00 00 00 00 00 00
 
 SEEDED = "model.layers.0.self_attn.v_proj.weight"
 EXPLICIT = "model.layers.0.mlp.down_proj.weight"
@@ -68,7 +69,7 @@ def test_golden_bytes(saved):
     _, path = saved
     data = path.read_bytes()
     assert len(data) == GOLDEN_SIZE
-    assert data[:8] == bytes([0x28, 0x05, 0, 0, 0, 0, 0, 0]) == struct.pack("<Q", GOLDEN_HEADER_LEN)
+    assert data[:8] == bytes([0x90, 0x06, 0, 0, 0, 0, 0, 0]) == struct.pack("<Q", GOLDEN_HEADER_LEN)
     n = GOLDEN_HEADER_LEN
     assert n % 8 == 0
     header = data[8 : 8 + n]
@@ -101,8 +102,14 @@ def test_golden_layout(saved):
     assert header["support_low/" + EXPLICIT] == {"dtype": "U8", "shape": [9], "data_offsets": [204, 213]}
     assert header["support_high/" + EXPLICIT] == {"dtype": "U8", "shape": [5], "data_offsets": [213, 218]}
     assert header["values/" + EXPLICIT]["data_offsets"][0] % 4 == 2  # no per-tensor alignment
-    assert list(doc) == ["format", "version", "scheme", "exact", "base", "tensors", "task", "provenance"]
-    assert (doc["format"], doc["version"], doc["scheme"], doc["exact"]) == ("spra", 1, "spra-seeded-v1", True)
+    assert list(doc) == [
+        "format", "version", "minor", "scheme", "exact", "base", "tensors", "checksums", "task", "provenance"
+    ]  # fmt: skip
+    assert (doc["format"], doc["version"], doc["minor"], doc["scheme"], doc["exact"]) == (
+        "spra", 1, 1, "spra-seeded-v1", True
+    )  # fmt: skip
+    assert list(doc["checksums"]) == list(header)  # every tensor, in container order
+    assert doc["checksums"]["values/" + SEEDED] == hashlib.blake2b(data[8 + n : 8 + n + 204], digest_size=8).hexdigest()
     t0, t1 = doc["tensors"]
     assert t0["support"] == {"kind": "seeded", "seed": 7, "density": 0.05}
     assert (t0["name"], t0["shape"], t0["dtype"], t0["count"]) == (SEEDED, [64, 32], "BF16", 102)
@@ -204,3 +211,48 @@ def test_fingerprint_beyond_one_chunk():
     z ^= z >> np.uint64(31)
     want = sum(int(part.sum(dtype=np.uint64)) for part in np.array_split(z, 7)) % (1 << 64)
     assert fingerprint(bits) == f"{want:016x}"
+
+
+def _rewritten(data: bytes, edit_doc, edit_body=lambda body: body) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    doc = json.loads(header["__metadata__"]["spra"])
+    edit_doc(doc)
+    header["__metadata__"]["spra"] = json.dumps(doc, separators=(",", ":"))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + edit_body(data[8 + n :])
+
+
+def test_a_version_1_0_file_still_reads(saved, tmp_path):
+    """1.0 files (no `minor`, no `checksums`) read as before, to the same adapter."""
+    adapter, path = saved
+    old = tmp_path / "v1.0.spra"
+    old.write_bytes(_rewritten(path.read_bytes(), lambda doc: [doc.pop("minor"), doc.pop("checksums")]))
+    loaded = Adapter.load(old)
+    assert loaded.deltas.keys() == adapter.deltas.keys()
+    for name, d in adapter.deltas.items():
+        assert torch.equal(loaded.deltas[name].values, d.values)
+
+
+@pytest.mark.parametrize("where", [0, 210, 230, -1], ids=["seeded-values", "support", "explicit-values", "dense"])
+def test_a_flipped_bit_in_tensor_data_is_refused(saved, tmp_path, where):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    data[8 + n + where if where >= 0 else where] ^= 0x10
+    bad = tmp_path / "flipped.spra"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="do not match their checksum|support"):
+        Adapter.load(bad)
+
+
+def test_checksums_must_cover_every_tensor(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "partial.spra"
+    bad.write_bytes(_rewritten(path.read_bytes(), lambda doc: doc["checksums"].popitem()))
+    with pytest.raises(FormatError, match="is not described by the adapter document"):
+        Adapter.load(bad)
+    bad.write_bytes(_rewritten(path.read_bytes(), lambda doc: doc["checksums"].update({"values/x": "0" * 16})))
+    with pytest.raises(FormatError, match="'checksums' names tensor 'values/x'"):
+        Adapter.load(bad)

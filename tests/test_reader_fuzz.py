@@ -15,6 +15,14 @@ The property (docs/FORMAT.md §8: every check before any allocation):
   increasing inside [0, numel) and has `count` elements, values have `count` elements;
 * reading never allocates absurd memory: peak traced memory (tracemalloc, which numpy reports
   to) stays below 16 MiB for these few-KiB files, whatever shapes and counts they claim.
+
+The campaign (`run_campaign`) goes one step further, with a seeded mutation loop rather than
+hypothesis: bit flips (anywhere, or in the tensor data), truncations, rewritten header lengths and
+JSON mutations of the header and the document (huge counts, NaN, wrong types, deep nesting,
+duplicate keys, odd Unicode); each file goes through `Adapter.load` and, when it loads, through
+every read command in process (info, info --json, info --indices, compare, verify), which must
+exit 0 or print one error line. CI runs 150 cases; `SPRA_TOOLS_SLOW=1` runs
+`SPRA_TOOLS_FUZZ_CASES` (default 20,000) and prints the counts.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -34,6 +44,8 @@ from hypothesis import strategies as st
 from spra_tools import format as fmt
 from spra_tools import support as sup
 from spra_tools.errors import FormatError
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_PEAK = 16 << 20  # bytes of traced allocations while reading a few-KiB file
@@ -116,7 +128,7 @@ def _check_sane(c: fmt.Container, s: fmt.SpraFile | None) -> None:
     for r in s.tensors:
         numel = math.prod(r.shape)
         count = r.support.count
-        assert 0 <= count <= numel < sup.MAX_NUMEL
+        assert 0 <= count <= numel <= fmt.MAX_TENSOR_NUMEL
         assert r.values.shape == (count,)
         assert r.values_dtype in fmt.FLOAT_DTYPES and r.dtype in fmt.FLOAT_DTYPES
         if isinstance(r.support, sup.SeededSupport):
@@ -460,3 +472,141 @@ PINNED = [
 def test_pinned_hostile_inputs(make, valid, target):
     """Minimal hostile inputs, pinned: the reader refuses them with FormatError (or reads them sanely)."""
     check_reader(target, make(valid))
+
+
+# ---------------------------------------------------------------------------------------------
+# The campaign: a seeded mutation loop through Adapter.load and every read command
+# ---------------------------------------------------------------------------------------------
+
+RAW_VALUES = [  # JSON text put in place of a value: what a hostile writer can put in the document
+    "NaN", "Infinity", "-Infinity", "1e999", "-0.0", "null", "true", "false", '""', "[]", "{}",
+    str(2**31), str(2**53 + 1), str(2**62), str(2**64), str(-(2**63)), "9" * 5000, "0.5", "-1",
+    "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000,
+    '"\\ud800"', '"\\udfff x"', '"\\u0000"', '"a\\nb\\u001b[31m"', '"\\u202eevil"', '"\u00e9\u0301\U0001f600"',
+    '"F32"', '"BF16"', '"seeded"', '"explicit"', '"elias-fano"', "[1,2,3]", "[4096]", "[64,64]",
+]  # fmt: skip
+_MARK = "\u2603fuzz\u2603"
+
+
+def _paths(value, prefix=()):
+    """Every (path, value) inside a JSON value, the value itself first."""
+    yield prefix, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, (*prefix, i))
+
+
+def _mutate_json(text: str, rng: np.random.Generator) -> str:
+    """`text` (a JSON object) with one value replaced by hostile raw JSON, a key duplicated, or a
+    key renamed to odd Unicode."""
+    value = json.loads(text)
+    paths = [p for p, _ in _paths(value) if p]
+    if not paths:
+        return text
+    path = paths[rng.integers(len(paths))]
+    parent = value
+    for key in path[:-1]:
+        parent = parent[key]
+    op = rng.integers(3)
+    if op == 0 or not isinstance(parent, dict):
+        parent[path[-1]] = _MARK
+        raw = RAW_VALUES[rng.integers(len(RAW_VALUES))]
+        return json.dumps(value).replace(json.dumps(_MARK), raw, 1)
+    if op == 1:  # a duplicate key, later in the same object
+        parent[_MARK] = parent[path[-1]]
+        return json.dumps(value).replace(json.dumps(_MARK), json.dumps(path[-1]), 1)
+    parent[_MARK] = parent.pop(path[-1])
+    return json.dumps(value).replace(json.dumps(_MARK), RAW_VALUES[21 + rng.integers(6)], 1)
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """One hostile variant of a valid adapter file: bit flips (anywhere or in the tensor data),
+    truncation, a rewritten header length, or a mutation of the header or document JSON."""
+    data = bytearray(data)
+    n = struct.unpack("<Q", data[:8])[0]
+    op = rng.integers(6)
+    if op == 0:
+        for pos in rng.integers(0, len(data), rng.integers(1, 9)):
+            data[pos] ^= 1 << rng.integers(8)
+    elif op == 1 and len(data) > 8 + n:
+        for pos in rng.integers(8 + n, len(data), rng.integers(1, 4)):
+            data[pos] ^= 1 << rng.integers(8)
+    elif op == 2:
+        del data[rng.integers(0, len(data)) :]
+    elif op == 3:
+        new = [n + int(rng.integers(-16, 17)), int(rng.integers(0, 2**63)), 0, len(data), 2**64 - 1][rng.integers(5)]
+        data[:8] = struct.pack("<Q", max(0, min(new, 2**64 - 1)))
+    else:
+        header, body = _split(bytes(data))
+        if op == 4 or "__metadata__" not in header or "spra" not in header.get("__metadata__", {}):
+            return _join(_mutate_json(json.dumps(header), rng), body)
+        header["__metadata__"]["spra"] = _mutate_json(header["__metadata__"]["spra"], rng)
+        return _join(header, body)
+    return bytes(data)
+
+
+def _read_commands(path: Path, original: Path, base: Path, adapter) -> list[list]:
+    first = next(iter(adapter.deltas), None)
+    commands = [["info", path], ["info", path, "--json"], ["compare", path, original], ["verify", base, path]]
+    if first is not None and adapter.deltas[first].numel <= 1 << 24:
+        commands.append(["info", path, "--indices", first])
+    return commands
+
+
+def run_campaign(cases: int, seed: int, valid: dict[str, bytes], base: Path, work: Path) -> dict[str, int]:
+    """`cases` mutated files through the reader and, when one loads, through every read command in
+    process: every failure is one FormatError / one error line, never a traceback or a crash.
+    Returns the counts of outcomes."""
+    from conftest import call_cli_in_process
+
+    from spra_tools.adapter import Adapter
+    from spra_tools.errors import SpraError
+
+    rng = np.random.default_rng(seed)
+    labels = sorted(valid)
+    originals = {}
+    for label in labels:
+        originals[label] = work / f"original-{label}.spra"
+        originals[label].write_bytes(valid[label])
+    counts = {"cases": 0, "refused": 0, "loaded": 0, "commands": 0, "command-errors": 0}
+    path = work / "case.spra"
+    for case in range(cases):
+        label = labels[rng.integers(len(labels))]
+        data = mutate(valid[label], rng)
+        counts["cases"] += 1
+        path.write_bytes(data)
+        try:
+            adapter = Adapter.load(path)
+        except SpraError:
+            counts["refused"] += 1
+            continue
+        counts["loaded"] += 1
+        for argv in _read_commands(path, originals[label], base, adapter):
+            r = call_cli_in_process(*argv)
+            counts["commands"] += 1
+            context = f"case {case} (seed {seed}) of {label}: {argv[0]} -> rc {r.rc}\n{r.stderr[-2000:]}"
+            assert r.rc in (0, 1) and "Traceback" not in r.stderr, context
+            if r.rc:
+                counts["command-errors"] += 1
+                lines = r.stderr.splitlines()
+                assert len(lines) == 1 and lines[0].startswith("spra-tools: error: "), context
+    return counts
+
+
+CAMPAIGN_CASES = int(os.environ.get("SPRA_TOOLS_FUZZ_CASES", "20000"))
+
+
+def test_campaign_ci_budget(valid, tiny_llama, tmp_path):
+    counts = run_campaign(150, 0, valid, tiny_llama, tmp_path)
+    assert counts["loaded"] > 0 and counts["refused"] > 0 and counts["commands"] > 0, counts
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SPRA_TOOLS_SLOW"), reason="the full campaign: set SPRA_TOOLS_SLOW=1")
+def test_campaign_slow(valid, tiny_llama, tmp_path):
+    counts = run_campaign(CAMPAIGN_CASES, 1, valid, tiny_llama, tmp_path)
+    print(f"\nfuzz campaign: {counts}")
+    assert counts["cases"] >= CAMPAIGN_CASES

@@ -8,6 +8,7 @@ library runs pass `endpoint=` and patch the few constants a subprocess would tak
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from spra_tools import format as fmt
 from spra_tools import share
 from spra_tools.adapter import Adapter
 from spra_tools.dtypes import bit_view
+from spra_tools.errors import SpraError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_standin import TOKEN, HubStandin  # noqa: E402
@@ -299,3 +301,16 @@ def test_pull_of_corrupt_adapter_leaves_nothing(seeded_adapter, hub, hub_env, hu
     line = one_error_line(r.stderr)
     assert f"{repo}: downloaded {seeded_adapter.name} is not a valid adapter" in line, line
     assert list(dest.iterdir()) == []  # neither the output nor a temporary
+
+
+@pytest.mark.parametrize("name", ["../../x/escaped.txt", "/tmp/abs.txt"])
+def test_pull_refuses_a_repo_file_name_outside_the_output(name, seeded_adapter, hub, hub_lib, tmp_path):
+    """The Hub's names are checked before anything is downloaded, whatever huggingface_hub checks."""
+    repo = "acme/traversal" + str(abs(hash(name)))
+    share.push(seeded_adapter, repo, base="acme/tiny-llama", **hub_lib)
+    hub.replace_file(repo, name, b"escaped")
+    dest = tmp_path / "a" / "b"
+    dest.mkdir(parents=True)
+    with pytest.raises(SpraError, match="not a safe relative path"):
+        share.pull(repo, dest / "out", **hub_lib)
+    assert list(dest.iterdir()) == [] and not (tmp_path / "x").exists() and not os.path.exists("/tmp/abs.txt")

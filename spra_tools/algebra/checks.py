@@ -49,6 +49,11 @@ def base_problems(base: Checkpoint, adapter: Adapter, fingerprints: bool = True)
             why = None
         if why:
             problems.append(f"tensor {name!r}: {why}")
+    shapes = {name: tuple(t.shape) for name, t in adapter.dense.items()}
+    for name in shapes:
+        why = base.replacement_problem(name, shapes)
+        if why:
+            problems.append(f"tensor {name!r}: {why}")
     return problems
 
 

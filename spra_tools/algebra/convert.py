@@ -258,6 +258,7 @@ def write_peft_sparta(
     base_name: str,
     base: Checkpoint | None = None,
     overwrite: bool = False,
+    inputs: tuple = (),
 ) -> Path:
     """Write `adapter` as a peft-sparta directory whose ``sparta_pretrained_model`` is `base_name`.
 
@@ -309,7 +310,7 @@ def write_peft_sparta(
         config["problem_type"] = "single_label_classification"
         tensors[f"indices.{HEAD}"] = torch.ones(head.shape).nonzero().to(torch.int32).contiguous()
         tensors[f"deltas.{HEAD}"] = torch.zeros(head.numel(), dtype=torch.float32)
-    with atomic_path(out_dir, overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite, directory=True, inputs=inputs) as tmp:
         try:
             safetensors.torch.save_file(tensors, os.fspath(tmp / DELTAS_ST))
             if head is not None:
@@ -480,12 +481,12 @@ def convert_files(
         base_name = base or adapter.base.get("name")
         if not base_name:
             raise SpraError("the adapter records no base: give --base", src)
-        write_peft_sparta(adapter, out, base_name, None, overwrite)
+        write_peft_sparta(adapter, out, base_name, None, overwrite, inputs=(src, base_name))
         return adapter, target, base_name
     base_name = base or recorded_base(src, source)
     if source == "lora":
         adapter = lora_to_sparse(src, open_checkpoint(base_name), density)
     else:
         adapter = read_peft_sparta(src, open_checkpoint(base_name))
-    adapter.save(out, overwrite)
+    adapter.save(out, overwrite, inputs=(src, base_name))
     return adapter, target, base_name

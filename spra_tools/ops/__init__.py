@@ -176,6 +176,7 @@ def restore_seeded(weights: list[torch.Tensor], supports: list[SeededSupport], o
 
 def gather(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``W.flatten()[indices]`` in W's dtype."""
+    _check_bounds(weight, indices)
     return _op("gather", weight.device)(weight, indices)
 
 
@@ -246,6 +247,16 @@ def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
         raise ValueError("weight must be contiguous")
     if indices.dtype != torch.int64 or values.shape != indices.shape:
         raise ValueError(f"need int64 indices and values of the same length, got {indices.shape} and {values.shape}")
+    _check_bounds(weight, indices)
+
+
+def _check_bounds(weight: torch.Tensor, indices: torch.Tensor) -> None:
+    """The compiled kernels do not check their indices (a bad one reads or writes out of bounds, or
+    kills the process): every single-tensor entry checks them here, one pass over the indices."""
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
+    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < weight.numel()):
+        raise ValueError(f"indices must lie in [0, {weight.numel()}) for a weight of shape {tuple(weight.shape)}")
 
 
 def support_grad(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, method: str = "auto") -> torch.Tensor:

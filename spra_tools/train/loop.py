@@ -191,10 +191,15 @@ def _preflight(config: TrainConfig, dist: _Dist) -> None:
     if config.resume:
         checkpoints.check_resumable(config.checkpoint_dir, config.run_settings())
     if dist.main:
-        check_output(config.output, config.overwrite)
+        check_output(config.output, config.overwrite, _inputs(config))
         for what, path in (("checkpoint directory", config.checkpoint_dir), ("log directory", config.log_dir)):
             if path is not None:
                 _check_directory(path, what)
+
+
+def _inputs(config: TrainConfig) -> tuple:
+    """What the run reads: the output may not be, hold or lie inside any of them."""
+    return (config.base, config.data, config.eval_data)
 
 
 def _check_directory(path: str, what: str) -> None:
@@ -499,7 +504,7 @@ def _save_adapter(run: _Run, state: RunState) -> None:
         adapter = sm.adapter(values_dtype, provenance, task)
         if run.dist.main:
             adapter.base = dict(run.base)  # the base as the user named it, with its size (info: fraction of the model)
-            adapter.save(config.output, config.overwrite)
+            adapter.save(config.output, config.overwrite, inputs=_inputs(config))
     if run.dist.world > 1:
         torch.distributed.barrier()
 

@@ -359,9 +359,10 @@ class SparseModel(nn.Module):
         return Adapter(deltas, dense, base, task, provenance, exact)
 
     def save(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
-             provenance: dict | None = None, task: dict | None = None) -> None:  # fmt: skip
-        """Write the trained adapter (fp32 values reproduce the trained weights bit for bit)."""
-        self.adapter(values_dtype, provenance, task).save(path, overwrite)
+             provenance: dict | None = None, task: dict | None = None, inputs: tuple = ()) -> None:  # fmt: skip
+        """Write the trained adapter (fp32 values reproduce the trained weights bit for bit); `inputs`
+        as in Adapter.save."""
+        self.adapter(values_dtype, provenance, task).save(path, overwrite, inputs=inputs)
 
 
 class _DenseGrad(torch.autograd.Function):
