@@ -73,7 +73,9 @@ class NameMap:
     def __init__(self, model: nn.Module, checkpoint_names: Iterable[str] | None = None):
         self.model = model
         params = dict(model.named_parameters(remove_duplicate=False))
-        known = set(model.state_dict(keep_vars=True)) | set(params)
+        # Not state_dict(): its hooks are not side-effect free (bitsandbytes 0.50 on the CPU unpacks a
+        # repacked 4-bit weight's state in place, and the layer's later outputs change).
+        known = set(params) | {n for n, _ in model.named_buffers(remove_duplicate=False)}
         prefix = getattr(model, "base_model_prefix", "") or ""
         renamings, converters = _transforms(model)
         if checkpoint_names is None:
