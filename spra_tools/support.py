@@ -73,10 +73,14 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a pure function, hashed byte by byte in Python: ~5 us a name
 def tensor_key(seed: int, name: str) -> int:
     """The 64-bit key of one tensor's support: mixes the seed with the tensor's UTF-8 name."""
-    check_seed(seed)
+    check_seed(seed)  # before the cache: True and 1.0 hash as 1 and would find its entry
+    return _tensor_key(seed, name)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a pure function, hashed byte by byte in Python: ~5 us a name
+def _tensor_key(seed: int, name: str) -> int:
     return mix64(mix64(seed ^ _SCHEME_TAG) ^ fnv1a64(name.encode("utf-8")))
 
 

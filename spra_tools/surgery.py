@@ -96,6 +96,10 @@ def apply_adapter(
     """
     for path, adapter in adapters:
         ckpt.check_fits({n: (d.shape, dtype_name(d.dtype)) for n, d in adapter.deltas.items()}, path)
+        shapes = {n: tuple(t.shape) for n, t in adapter.dense.items()}
+        for name in shapes:
+            if why := ckpt.replacement_problem(name, shapes):
+                raise MismatchError(f"tensor {name!r}: {why}", path)
         if not allow_nonfinite:
             adapter.check_finite(path, "--allow-nonfinite")
     edited = {n for _, a in adapters for n in a.deltas}
