@@ -230,7 +230,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     model = _load_model(config, base_dir, on, train_data.id2label, tokenizer.pad_token_id)
     sm = _sparse_model(config, model, checkpoint, device)
     optimizer = SparseAdamW(sm, config.lr, config.betas, config.eps, config.weight_decay, config.max_grad_norm or None)
-    pad_to = _pad_to(config.max_length)
+    pad_to = _pad_to(config.max_length, device)
     batches = Batches(train_data, config.batch_size, config.seed, tokenizer.pad_token_id, config.task,
                       rank=dist.rank, world_size=dist.world, group_by_length=config.group_by_length,
                       pad_to=pad_to)  # fmt: skip
@@ -247,14 +247,16 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
                 forward, total, checkpoint.identity(), identity, _padding_free(config, model), pad_to)  # fmt: skip
 
 
-def _pad_to(max_length: int) -> int:
-    """Batch lengths are rounded up to a multiple of 64 (or 8, or 1: never past --max-length). Few
-    distinct lengths matter on Hopper, where SDPA prefers cuDNN's attention, which builds an
-    execution plan on the host for each new sequence length: with lengths in steps of 8 nearly
-    every step met a new one and took ~90 ms more than the same step at a fixed length (1B shape,
-    H200, scripts/bench_loop.py); in steps of 64 at most max_length / 64 lengths ever occur, for
-    ~5 % of the tokens in padding with length-grouped batches."""
-    return next(m for m in (64, 8, 1) if max_length % m == 0)
+def _pad_to(max_length: int, device: torch.device) -> int:
+    """On CUDA, batch lengths are rounded up to a multiple of 64 (or 8, or 1: never past
+    --max-length). Few distinct lengths matter on Hopper, where SDPA prefers cuDNN's attention,
+    which builds an execution plan on the host for each new sequence length: with lengths in steps
+    of 8 nearly every step met a new one and took ~90 ms more than the same step at a fixed length
+    (1B shape, H200, scripts/bench_loop.py); in steps of 64 at most max_length / 64 lengths ever
+    occur, for ~5 % of the tokens in padding with length-grouped batches. Elsewhere no plan is
+    built and every padded token is paid for: lengths are left as they are (short records rounded
+    up to 64 were 88 % padding on the CPU)."""
+    return next(m for m in (64, 8, 1) if max_length % m == 0) if device.type == "cuda" else 1
 
 
 def _padding_free(config: TrainConfig, model) -> bool:
