@@ -38,7 +38,7 @@ import traceback
 
 import torch
 import transformers
-from bench_train import ALL_LINEAR, GIB, LORA_RANK, SHAPES, VO, Shape, build_model, free, sync  # noqa: E402
+from bench_train import ALL_LINEAR, GIB, LORA_RANK, SHAPES, VO, Shape, build_model, free, sync, time_steps  # noqa: E402
 
 ROWS = {  # key: (table label, modules, the QLoRA row it is compared with)
     "floor": ("floor: frozen NF4 base, input grads only", None, None),
@@ -197,22 +197,7 @@ def run_row(row: str, shape: Shape, device: torch.device, steps: int, warmup: in
             torch.cuda.reset_peak_memory_stats(device)
             result["base_gib"] = torch.cuda.memory_allocated(device) / GIB
         step, result["values"], result["note"] = BUILDERS[row](model, shape, checkpointing)
-        gen = torch.Generator(device=device).manual_seed(1)
-        x = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=gen)
-        for _ in range(warmup):
-            step(x)
-        times = []
-        for _ in range(steps):
-            sync(device)
-            t = time.perf_counter()
-            loss = step(x)
-            sync(device)
-            times.append(time.perf_counter() - t)
-        result["ms"] = statistics.median(times) * 1e3
-        result["times_ms"] = [round(t * 1e3, 3) for t in times]
-        result["loss"] = float(loss.detach())
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        result.update(time_steps(step, shape, device, steps, warmup))
         if not math.isfinite(result["loss"]):
             result["note"] = f"NON-FINITE LOSS; {result['note']}"
     except Exception as e:  # one failing row (OOM, API drift) must not lose the others' numbers

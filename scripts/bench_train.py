@@ -258,6 +258,27 @@ def missing_dependency(row: str) -> str | None:
     return None
 
 
+def time_steps(step, shape: Shape, device: torch.device, steps: int, warmup: int) -> dict:
+    """`step(x)` on one fixed random batch: median and every time of `steps` after `warmup`, the
+    last loss, and the peak memory on CUDA (reset it before building what the row measures)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=gen)
+    for _ in range(warmup):
+        step(x)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        loss = step(x)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    out = {"ms": statistics.median(times) * 1e3, "times_ms": [round(t * 1e3, 3) for t in times]}
+    out["loss"] = float(loss.detach())
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    return out
+
+
 def run_row(row: str, shape: Shape, device: torch.device, steps: int, warmup: int) -> dict:
     result = {"row": row, "label": ROWS[row], "values": None, "ms": None, "peak_gib": None, "note": ""}
     skip = missing_dependency(row)
@@ -273,22 +294,7 @@ def run_row(row: str, shape: Shape, device: torch.device, steps: int, warmup: in
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step, result["values"], result["note"] = BUILDERS[row](model, shape, device)
-        gen = torch.Generator(device=device).manual_seed(1)
-        x = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=gen)
-        for _ in range(warmup):
-            step(x)
-        times = []
-        for _ in range(steps):
-            sync(device)
-            t = time.perf_counter()
-            loss = step(x)
-            sync(device)
-            times.append(time.perf_counter() - t)
-        result["ms"] = statistics.median(times) * 1e3
-        result["times_ms"] = [round(t * 1e3, 3) for t in times]
-        result["loss"] = float(loss.detach())
-        if device.type == "cuda":
-            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        result.update(time_steps(step, shape, device, steps, warmup))
         if result["loss"] != result["loss"] or abs(result["loss"]) == float("inf"):
             result["note"] = f"NON-FINITE LOSS; {result['note']}"
     except Exception as e:  # one failing row (OOM, API drift) must not lose the others' numbers
