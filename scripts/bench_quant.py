@@ -38,7 +38,7 @@ import traceback
 
 import torch
 import transformers
-from bench_train import ALL_LINEAR, GIB, LORA_RANK, SHAPES, VO, Shape, build_model, free, sync, time_steps  # noqa: E402
+from bench_train import ALL_LINEAR, GIB, LORA_RANK, SHAPES, VO, Shape, build_model, free, sync, time_steps, train_step  # noqa: E402
 
 ROWS = {  # key: (table label, modules, the QLoRA row it is compared with)
     "floor": ("floor: frozen NF4 base, input grads only", None, None),
@@ -92,17 +92,6 @@ def _checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _train_step(model, opt):
-    def step(x):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
-
-
 def spra_model(model, shape: Shape, modules, base=None):
     from spra_tools.train import SparseModel
 
@@ -126,7 +115,7 @@ def row_spra(modules, product="sparse"):
         _checkpointing(model, checkpointing)
         model.train()
         opt = SparseAdamW(sm, lr=1e-4)
-        return _train_step(model, opt), sum(p.numel() for p in sm.parameters()), f"density {density:.5f}"
+        return train_step(model, opt), sum(p.numel() for p in sm.parameters()), f"density {density:.5f}"
 
     return build
 
@@ -165,7 +154,7 @@ def row_qlora(modules):
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
         pm.train()
         return (
-            _train_step(pm, opt),
+            train_step(pm, opt),
             sum(p.numel() for p in params),
             f"peft {peft.__version__}, adapter {'/'.join(dtypes)}",
         )
@@ -306,7 +295,7 @@ def quality(shape: Shape, device: torch.device, train_steps: int, lr_spra: float
 
         model = quantized()
         sm, _ = spra_model(model, shape, ALL_LINEAR)
-        losses = train_loop(model, _train_step(model, SparseAdamW(sm, lr=lr_spra)), train_batches, device)
+        losses = train_loop(model, train_step(model, SparseAdamW(sm, lr=lr_spra)), train_batches, device)
         out["spra_values"] = sum(p.numel() for p in sm.parameters())
         out["spra_train_last"] = statistics.mean(losses[-10:])
         out["spra_nf4"] = eval_loss(model, held_out, device)
@@ -321,7 +310,7 @@ def quality(shape: Shape, device: torch.device, train_steps: int, lr_spra: float
         pm = peft.get_peft_model(model, config)
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr_lora, fused=device.type == "cuda")
-        losses = train_loop(pm, _train_step(pm, opt), train_batches, device)
+        losses = train_loop(pm, train_step(pm, opt), train_batches, device)
         out["lora_values"] = sum(p.numel() for p in params)
         out["lora_train_last"] = statistics.mean(losses[-10:])
         out["lora_nf4"] = eval_loss(pm, held_out, device)

@@ -158,7 +158,7 @@ def row_floor(model, shape, device):
     return step, 0, ""
 
 
-def _train_step(model, opt):
+def train_step(model, opt):
     """One training step on a batch of token ids: forward with labels, backward, optimizer step."""
 
     def step(x):
@@ -180,7 +180,7 @@ def _spra(modules, target):
         opt, note = SparseAdamW(sm, lr=1e-4), ""
         count = sum(p.numel() for p in sm.parameters())
 
-        step = _train_step(model, opt)
+        step = train_step(model, opt)
 
         return step, count, f"density {lora / base:.5f}" + (f"; {note}" if note else "")
 
@@ -197,7 +197,7 @@ def _lora(modules):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
 
-        step = _train_step(pm, opt)
+        step = train_step(pm, opt)
 
         return step, sum(p.numel() for p in params), f"peft {peft.__version__}, adapter {'/'.join(dtypes)}"
 
@@ -223,7 +223,7 @@ def row_peft_sparta(model, shape, device):
     params = list(sparta.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")  # its build_optimizer's choice
 
-    step = _train_step(sparta, opt)
+    step = train_step(sparta, opt)
 
     return step, sum(p.numel() for p in params), f"keep prob {density:.5f} (Bernoulli), frozen {frozen}"
 
@@ -232,7 +232,7 @@ def row_full(model, shape, device):
     params = list(model.parameters())  # bf16 params; AdamW's state follows them (bf16): no fp32 master
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
-    step = _train_step(model, opt)
+    step = train_step(model, opt)
 
     return step, sum(p.numel() for p in params), "bf16 params, grads and AdamW state"
 
