@@ -158,7 +158,6 @@ class _Run:
     batches: Batches
     forward: torch.nn.Module  # sm, or its DDP wrapper
     total: int  # optimizer steps of the run
-    base: dict  # the base's identity as the adapter records it: name as given, revision, numel
     base_weights: dict  # what a checkpoint records of the base, checked on resume (checkpoints.base_identity)
     padding_free: bool  # batches go to the model without their attention mask (see `_padding_free`)
     pad_to: int  # batch lengths are rounded up to a multiple of this
@@ -244,7 +243,7 @@ def _setup(config: TrainConfig, dist: _Dist, echo) -> _Run:
     echo(f"model: {len(list(sm.sites()))} tensors adapted, {n_values:,} trainable values; {total} steps on {device}"
          + (f" x {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     return _Run(config, dist, device, tokenizer.pad_token_id, train_data, eval_data, sm, optimizer, batches,
-                forward, total, checkpoint.identity(), identity, _padding_free(config, model), pad_to)  # fmt: skip
+                forward, total, identity, _padding_free(config, model), pad_to)  # fmt: skip
 
 
 def _pad_to(max_length: int, device: torch.device) -> int:
@@ -503,9 +502,8 @@ def _save_adapter(run: _Run, state: RunState) -> None:
     if run.eval_data is not None:
         provenance["eval_data"] = _data_record(run.eval_data)
     if run.dist.main or config.fsdp:  # a sharded model's adapter is gathered by every rank
-        adapter = sm.adapter(values_dtype, provenance, task)
+        adapter = sm.adapter(values_dtype, provenance, task)  # its base: the checkpoint as the user named it
         if run.dist.main:
-            adapter.base = dict(run.base)  # the base as the user named it, with its size (info: fraction of the model)
             adapter.save(config.output, config.overwrite, inputs=_inputs(config))
     if run.dist.world > 1:
         torch.distributed.barrier()
