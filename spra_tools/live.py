@@ -90,13 +90,8 @@ class Handle:
         stack = _stack(self.model)
         if not self.attached or self not in stack:
             raise SpraError("this adapter is not attached")
-        later = stack[stack.index(self) + 1 :]
-        for h in reversed(later):
-            h._restore()
-        self._restore()
+        _beneath(stack[stack.index(self) + 1 :], self._restore)
         stack.remove(self)
-        for h in later:
-            h._apply()
 
     def _apply(self) -> None:
         with torch.no_grad():
@@ -355,13 +350,18 @@ def _reattach(handle: Handle, position: int) -> None:
     """Undo `handle.detach()`: it goes back to `position` in the attach order (the later adapters
     are restored, it is applied, they are re-applied: the weights of before, bit for bit)."""
     stack = _stack(handle.model)
-    later = stack[position:]
+    _beneath(stack[position:], handle._apply)
+    stack.insert(position, handle)
+
+
+def _beneath(later: list[Handle], change) -> None:
+    """`change()` under the adapters `later` (attached after the one it changes): they come off in
+    reverse order and go back on in order, so the weights stay base + the attach order, bit for bit."""
     for h in reversed(later):
         h._restore()
-    handle._apply()
+    change()
     for h in later:
         h._apply()
-    stack.insert(position, handle)
 
 
 @contextlib.contextmanager
