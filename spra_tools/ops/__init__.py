@@ -255,7 +255,10 @@ def _check_bounds(weight: torch.Tensor, indices: torch.Tensor) -> None:
     kills the process): every single-tensor entry checks them here, one pass over the indices."""
     if indices.dim() != 1:
         raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
-    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < weight.numel()):
+    if indices.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(indices)).tolist()  # one pass, one host sync
+    if low < 0 or high >= weight.numel():
         raise ValueError(f"indices must lie in [0, {weight.numel()}) for a weight of shape {tuple(weight.shape)}")
 
 
