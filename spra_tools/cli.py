@@ -425,12 +425,10 @@ def merge(ctx, adapters, out, method, weights, density, seed, recipe, base, repo
     from .algebra.merge import merge_files
     from .algebra.recipe import MergeRequest, read_recipe
 
-    inputs = [*adapters, recipe, base]
-    _check_outputs(out, overwrite, inputs, report_path)
     request = (read_recipe(recipe) if recipe else MergeRequest()).with_flags(
         adapters, method, weights, density, seed, base
     )
-    inputs += [*request.paths, request.base]
+    inputs = [recipe, *request.paths, request.base]  # the recipe's adapters and base, or the flags'
     _check_outputs(out, overwrite, inputs, report_path)
     merged, report = merge_files(request)
     _save(merged, out, overwrite, inputs, report, report_path)
