@@ -530,7 +530,7 @@ def _progress(total: int, enabled: bool):
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, leave=False, desc="writing")
+    return tqdm(total=total, unit="B", unit_scale=True, leave=False, desc="writing")
 
 
 class _NoProgress:

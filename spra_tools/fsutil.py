@@ -109,7 +109,7 @@ def _publish(src: Path, dst: Path, overwrite: bool) -> None:
 def _publish_new(src: Path, dst: Path) -> None:
     """Move `src` to `dst` without replacing anything that appeared there meanwhile (an empty
     directory counts as no output)."""
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):
+    with contextlib.suppress(OSError):  # absent, not a directory, or not empty: left as it is
         if dst.is_dir() and not dst.is_symlink():
             os.rmdir(dst)  # fails unless empty
     try:
@@ -127,7 +127,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, owned by another user
         return True
     return True
 
