@@ -28,17 +28,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 
 import torch
 import transformers
-from bench_train import ALL_LINEAR, GIB, LORA_RANK, SHAPES, VO, Shape, build_model, free, sync, time_steps, train_step  # noqa: E402
+from bench_train import ALL_LINEAR, GIB, LORA_RANK, SHAPES, VO, Shape, build_model, free, measure_row, train_step  # noqa: E402
 
 ROWS = {  # key: (table label, modules, the QLoRA row it is compared with)
     "floor": ("floor: frozen NF4 base, input grads only", None, None),
@@ -174,29 +172,18 @@ BUILDERS = {
 
 def run_row(row: str, shape: Shape, device: torch.device, steps: int, warmup: int, checkpointing: bool) -> dict:
     result = {"row": row, "label": ROWS[row][0], "values": None, "ms": None, "peak_gib": None, "note": ""}
-    model = step = loss = x = None
-    free(device)
-    try:
-        t0 = time.perf_counter()
+
+    def build():
         model = build_model(shape, device)
         quantize_nf4(model, device)
-        sync(device)
-        result["build_s"] = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        return model
+
+    def make_step(model):
+        if device.type == "cuda":  # the NF4 base alone, before the row adds to it
             result["base_gib"] = torch.cuda.memory_allocated(device) / GIB
-        step, result["values"], result["note"] = BUILDERS[row](model, shape, checkpointing)
-        result.update(time_steps(step, shape, device, steps, warmup))
-        if not math.isfinite(result["loss"]):
-            result["note"] = f"NON-FINITE LOSS; {result['note']}"
-    except Exception as e:  # one failing row (OOM, API drift) must not lose the others' numbers
-        traceback.print_exc(file=sys.stderr)
-        result["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        result["ms"] = result["peak_gib"] = None
-    finally:
-        model = step = loss = x = None  # noqa: F841  (drop the references before freeing)
-        free(device)
-    return result
+        return BUILDERS[row](model, shape, checkpointing)
+
+    return measure_row(result, build, make_step, shape, device, steps, warmup)
 
 
 def speed_table(meta: dict, shape: Shape, results: dict) -> str:

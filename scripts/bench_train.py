@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -285,24 +286,41 @@ def run_row(row: str, shape: Shape, device: torch.device, steps: int, warmup: in
     if skip:
         result["note"] = skip
         return result
+    return measure_row(
+        result,
+        lambda: build_model(shape, device),
+        lambda m: BUILDERS[row](m, shape, device),
+        shape,
+        device,
+        steps,
+        warmup,
+    )
+
+
+def measure_row(result: dict, build, make_step, shape: Shape, device: torch.device, steps: int, warmup: int) -> dict:
+    """`result` with a row measured: its model built (`build()`, timed), the peak memory reset, its
+    step made (``make_step(model)`` -> (step, trainable values, note)) and timed (`time_steps`).
+    A failing row (OOM, API drift) gets the error as its note and no numbers, so it cannot lose the
+    other rows'; the model is freed either way."""
+    model = step = None
     free(device)
     try:
         t0 = time.perf_counter()
-        model = build_model(shape, device)
+        model = build()
         sync(device)
         result["build_s"] = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step, result["values"], result["note"] = BUILDERS[row](model, shape, device)
+        step, result["values"], result["note"] = make_step(model)
         result.update(time_steps(step, shape, device, steps, warmup))
-        if result["loss"] != result["loss"] or abs(result["loss"]) == float("inf"):
+        if not math.isfinite(result["loss"]):
             result["note"] = f"NON-FINITE LOSS; {result['note']}"
-    except Exception as e:  # one failing row (OOM, API drift) must not lose the others' numbers
+    except Exception as e:
         traceback.print_exc(file=sys.stderr)
         result["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         result["ms"] = result["peak_gib"] = None
     finally:
-        model = step = loss = x = None  # noqa: F841  (drop the references before freeing)
+        model = step = None  # noqa: F841  (drop the references before freeing)
         free(device)
     return result
 
